@@ -1,0 +1,86 @@
+# nginx-keepalive-slice
+#
+#   make build   objs/nginx (the vendored nginx 1.28.3, --with-compat --with-debug)
+#                and objs/ngx_http_upstream_keepalive_slice_module.so built against it
+#   make test    unit tests, then the Test::Nginx suites in t/ against objs/
+#   make check   cargo fmt --check and cargo clippy -D warnings
+#   make demo    real Apache mpm-itk behind stock-style and sliced keepalive
+#   make bench   wrk throughput, stock keepalive vs. this module
+#
+# Your own nginx instead of the vendored one (configured --with-compat):
+#   make build NGINX_SOURCE_DIR=/path/to/nginx NGINX_BUILD_DIR=/path/to/nginx/objs
+
+MODULE      = ngx_http_upstream_keepalive_slice_module
+CARGO      ?= cargo
+PROVE_JOBS ?= 2
+
+# Debian packages the build and the tests need (bindgen needs libclang).
+BUILD_PACKAGES = make gcc libc6-dev libclang-dev libpcre2-dev libssl-dev zlib1g-dev
+TEST_PACKAGES  = perl libio-socket-ssl-perl memcached openssl
+DEMO_PACKAGES  = apache2 libapache2-mpm-itk curl
+BENCH_PACKAGES = wrk
+
+ifdef NGINX_BUILD_DIR
+CARGO_FLAGS = --release --no-default-features --features export-modules
+NGINX_BINARY_SRC = $(NGINX_BUILD_DIR)/nginx
+export NGINX_BUILD_DIR
+ifdef NGINX_SOURCE_DIR
+export NGINX_SOURCE_DIR
+endif
+else
+CARGO_FLAGS = --release
+# nginx-sys builds the vendored nginx in its build-script output directory;
+# the newest one is the one this build linked against.
+NGINX_BINARY_SRC = $$(ls -t target/release/build/nginx-sys-*/out/objs/nginx | head -n 1)
+endif
+
+TEST_GLOBALS = load_module $(CURDIR)/objs/$(MODULE).so;
+# Workers run as nobody by default and could not read the test directory.
+ifeq ($(shell id -u),0)
+TEST_GLOBALS += user root;
+endif
+
+.PHONY: all build test unit prove check demo bench deps deps-demo deps-bench clean
+
+all: build
+
+deps:
+	@sh .ci/packages $(BUILD_PACKAGES) $(TEST_PACKAGES)
+
+deps-demo:
+	@sh .ci/packages $(DEMO_PACKAGES)
+
+deps-bench:
+	@sh .ci/packages $(BENCH_PACKAGES)
+
+build:
+	$(CARGO) build $(CARGO_FLAGS)
+	mkdir -p objs
+	cp -f $(NGINX_BINARY_SRC) objs/nginx
+	cp -f target/release/lib$(MODULE).so objs/$(MODULE).so
+	@objs/nginx -V 2>&1 | head -n 1
+
+unit:
+	$(CARGO) test $(CARGO_FLAGS) --lib
+
+prove:
+	TEST_NGINX_BINARY=$(CURDIR)/objs/nginx \
+	TEST_NGINX_GLOBALS="$(TEST_GLOBALS) $(TEST_NGINX_GLOBALS)" \
+	PERL5LIB=$(CURDIR)/t/lib$${PERL5LIB:+:$$PERL5LIB} \
+	prove -j$(PROVE_JOBS) t/
+
+test: deps build unit prove
+
+check:
+	$(CARGO) fmt --check
+	$(CARGO) clippy $(CARGO_FLAGS) --all-targets -- -D warnings
+
+demo: deps deps-demo build
+	perl demo/demo.pl
+
+bench: deps deps-bench build
+	perl bench/bench.pl
+
+clean:
+	$(CARGO) clean
+	rm -rf objs

@@ -1,0 +1,16 @@
+# Appended to nginx's objs/Makefile: cargo decides itself whether anything
+# needs rebuilding, so the rule always runs. The module tables come from
+# nginx's generated *_modules.c, hence no "export-modules" feature here.
+
+cat << END                                                >> $NGX_MAKEFILE
+
+$ngx_keepalive_slice_lib: FORCE_KEEPALIVE_SLICE
+	cd $ngx_addon_dir && \\
+	NGINX_BUILD_DIR="\$(CURDIR)/$NGX_OBJS" \\
+	NGINX_SOURCE_DIR="\$(CURDIR)" \\
+	CARGO_TARGET_DIR="\$(CURDIR)/$ngx_keepalive_slice_target" \\
+	cargo rustc --lib --release --no-default-features --crate-type staticlib
+
+FORCE_KEEPALIVE_SLICE:
+
+END

@@ -1,0 +1,657 @@
+//! The per-upstream cache of idle connections, in safe Rust.
+//!
+//! Everything is sized when the configuration is read and never grows: an
+//! arena of `capacity` [`IdleSlot`]s linked by index into one global LRU list
+//! and into per-[`Bucket`] lists, a pool of buckets with their key storage,
+//! and a chained hash table over the buckets. A bucket is the set of idle
+//! connections that one request may take: same server address, same slice
+//! key (when sliced), same location tag (with `local`). Every operation is
+//! O(1) expected; nothing scans the whole cache.
+//!
+//! The cache does not know what a connection is (`C` is an nginx connection
+//! pointer in the module and an integer in the unit tests), so it can be
+//! tested without nginx.
+
+/// Longest server address kept; `sockaddr_un` (110 bytes) is the largest.
+pub const MAX_ADDR_LEN: usize = 128;
+
+const NIL: u32 = u32::MAX;
+
+/// What identifies a bucket: the server address as nginx stores it, the
+/// evaluated slice key (empty when not sliced) and the location tag (0
+/// unless `local`).
+#[derive(Clone, Copy, Debug)]
+pub struct BucketKey<'a> {
+    pub addr: &'a [u8],
+    pub slice: &'a [u8],
+    pub tag: usize,
+}
+
+/// Why a connection was not stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The per-bucket limit is 0.
+    ZeroLimit,
+    /// Its bucket already holds as many idle connections as allowed.
+    BucketFull { limit: usize },
+    /// It needs a new bucket and all `poolsize` buckets are in use.
+    PoolExhausted { poolsize: usize },
+    /// The cache holds no connections at all (`keepalive 0`) or the address
+    /// is longer than any socket address.
+    Unusable,
+}
+
+/// Where a stored connection went, and which connection the LRU eviction
+/// pushed out to make room (the caller closes it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stored<C> {
+    pub slot: usize,
+    pub evicted: Option<C>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct IdleSlot<C> {
+    conn: Option<C>,
+    bucket: u32,
+    /// Global LRU list: head is the most recently stored.
+    lru_prev: u32,
+    lru_next: u32,
+    /// The bucket's own list (also most recent first); `bucket_next` doubles
+    /// as the free-list link while the slot is unused.
+    bucket_prev: u32,
+    bucket_next: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    hash: u64,
+    tag: usize,
+    addr_len: u8,
+    slice_len: u32,
+    /// Next bucket in the same hash chain, or in the free list.
+    chain_next: u32,
+    /// Most recently stored slot of this bucket.
+    head: u32,
+    count: u32,
+}
+
+/// The idle-connection cache of one upstream in one worker.
+#[derive(Debug)]
+pub struct IdleCache<C> {
+    slots: Box<[IdleSlot<C>]>,
+    buckets: Box<[Bucket]>,
+    addrs: Box<[u8]>,
+    slices: Box<[u8]>,
+    keylen: usize,
+    table: Box<[u32]>,
+    lru_head: u32,
+    lru_tail: u32,
+    free_slot: u32,
+    free_bucket: u32,
+    len: usize,
+    buckets_in_use: usize,
+}
+
+impl<C: Copy> IdleCache<C> {
+    /// A cache of `capacity` idle connections spread over at most
+    /// `poolsize` buckets, slice keys cut to `keylen` bytes.
+    ///
+    /// Without slicing, pass `poolsize` = `capacity + 1` and `keylen` = 0:
+    /// every stored connection then finds a bucket even when all others sit
+    /// in distinct buckets, as in nginx's own cache.
+    pub fn new(capacity: usize, poolsize: usize, keylen: usize) -> Self {
+        let capacity = capacity.min(NIL as usize - 1);
+        let poolsize = poolsize.min(NIL as usize - 1);
+
+        let slots = (0..capacity)
+            .map(|i| IdleSlot {
+                conn: None,
+                bucket: NIL,
+                lru_prev: NIL,
+                lru_next: NIL,
+                bucket_prev: NIL,
+                bucket_next: if i + 1 < capacity {
+                    (i + 1) as u32
+                } else {
+                    NIL
+                },
+            })
+            .collect();
+
+        let buckets = (0..poolsize)
+            .map(|i| Bucket {
+                hash: 0,
+                tag: 0,
+                addr_len: 0,
+                slice_len: 0,
+                chain_next: if i + 1 < poolsize {
+                    (i + 1) as u32
+                } else {
+                    NIL
+                },
+                head: NIL,
+                count: 0,
+            })
+            .collect();
+
+        // Load factor at most 1/2, power of two so a mask picks the chain.
+        let table_len = (poolsize * 2).next_power_of_two().max(1);
+
+        IdleCache {
+            slots,
+            buckets,
+            addrs: vec![0; poolsize * MAX_ADDR_LEN].into_boxed_slice(),
+            slices: vec![0; poolsize * keylen].into_boxed_slice(),
+            keylen,
+            table: vec![NIL; table_len].into_boxed_slice(),
+            lru_head: NIL,
+            lru_tail: NIL,
+            free_slot: if capacity > 0 { 0 } else { NIL },
+            free_bucket: if poolsize > 0 { 0 } else { NIL },
+            len: 0,
+            buckets_in_use: 0,
+        }
+    }
+
+    /// Idle connections held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Buckets holding at least one idle connection.
+    pub fn buckets_in_use(&self) -> usize {
+        self.buckets_in_use
+    }
+
+    /// Idle connections in the bucket of `key`.
+    pub fn bucket_len(&self, key: &BucketKey) -> usize {
+        match self.find_bucket(key, self.hash(key)) {
+            NIL => 0,
+            b => self.buckets[b as usize].count as usize,
+        }
+    }
+
+    /// Takes the most recently stored connection of `key`'s bucket.
+    pub fn take(&mut self, key: &BucketKey) -> Option<C> {
+        let b = self.find_bucket(key, self.hash(key));
+        if b == NIL {
+            return None;
+        }
+        let slot = self.buckets[b as usize].head;
+        self.remove(slot as usize)
+    }
+
+    /// Stores `conn` in `key`'s bucket, which may hold at most `limit` idle
+    /// connections. When the cache is full, the least recently stored
+    /// connection of any bucket is evicted and returned for closing.
+    pub fn store(&mut self, key: &BucketKey, conn: C, limit: usize) -> Result<Stored<C>, Refusal> {
+        if self.slots.is_empty() || key.addr.len() > MAX_ADDR_LEN {
+            return Err(Refusal::Unusable);
+        }
+        if limit == 0 {
+            return Err(Refusal::ZeroLimit);
+        }
+
+        let hash = self.hash(key);
+        let found = self.find_bucket(key, hash);
+        if found != NIL && self.buckets[found as usize].count as usize >= limit {
+            return Err(Refusal::BucketFull { limit });
+        }
+        if found == NIL && self.free_bucket == NIL {
+            return Err(Refusal::PoolExhausted {
+                poolsize: self.buckets.len(),
+            });
+        }
+
+        // Evicting may empty and release the very bucket we are about to
+        // use, so the bucket is looked up again afterwards.
+        let evicted = if self.free_slot == NIL {
+            let tail = self.lru_tail as usize;
+            self.remove(tail)
+        } else {
+            None
+        };
+
+        let b = match self.find_bucket(key, hash) {
+            NIL => self.acquire_bucket(key, hash),
+            b => b,
+        };
+
+        let slot = self.free_slot;
+        self.free_slot = self.slots[slot as usize].bucket_next;
+
+        let old_head = self.buckets[b as usize].head;
+        let lru_head = self.lru_head;
+        {
+            let s = &mut self.slots[slot as usize];
+            s.conn = Some(conn);
+            s.bucket = b;
+            s.bucket_prev = NIL;
+            s.bucket_next = old_head;
+            s.lru_prev = NIL;
+            s.lru_next = lru_head;
+        }
+        if old_head != NIL {
+            self.slots[old_head as usize].bucket_prev = slot;
+        }
+        self.buckets[b as usize].head = slot;
+        self.buckets[b as usize].count += 1;
+
+        if lru_head != NIL {
+            self.slots[lru_head as usize].lru_prev = slot;
+        } else {
+            self.lru_tail = slot;
+        }
+        self.lru_head = slot;
+        self.len += 1;
+
+        Ok(Stored {
+            slot: slot as usize,
+            evicted,
+        })
+    }
+
+    /// Removes the connection in `slot` (closed by the backend, timed out,
+    /// or closed at shutdown). Its bucket goes back to the pool when this
+    /// was its last connection. `None` if the slot was already free.
+    pub fn remove(&mut self, slot: usize) -> Option<C> {
+        let s = *self.slots.get(slot)?;
+        let conn = s.conn?;
+        let slot = slot as u32;
+
+        match s.lru_prev {
+            NIL => self.lru_head = s.lru_next,
+            p => self.slots[p as usize].lru_next = s.lru_next,
+        }
+        match s.lru_next {
+            NIL => self.lru_tail = s.lru_prev,
+            n => self.slots[n as usize].lru_prev = s.lru_prev,
+        }
+
+        let b = s.bucket as usize;
+        match s.bucket_prev {
+            NIL => self.buckets[b].head = s.bucket_next,
+            p => self.slots[p as usize].bucket_next = s.bucket_next,
+        }
+        if s.bucket_next != NIL {
+            self.slots[s.bucket_next as usize].bucket_prev = s.bucket_prev;
+        }
+        self.buckets[b].count -= 1;
+        if self.buckets[b].count == 0 {
+            self.release_bucket(b as u32);
+        }
+
+        let free = &mut self.slots[slot as usize];
+        free.conn = None;
+        free.bucket = NIL;
+        free.lru_prev = NIL;
+        free.lru_next = NIL;
+        free.bucket_prev = NIL;
+        free.bucket_next = self.free_slot;
+        self.free_slot = slot;
+        self.len -= 1;
+
+        Some(conn)
+    }
+
+    /// The connection in `slot`, if any.
+    pub fn get(&self, slot: usize) -> Option<C> {
+        self.slots.get(slot)?.conn
+    }
+
+    /// Removes and returns every idle connection (the caller closes them).
+    pub fn drain(&mut self) -> impl Iterator<Item = C> + '_ {
+        std::iter::from_fn(move || match self.lru_tail {
+            NIL => None,
+            tail => self.remove(tail as usize),
+        })
+    }
+
+    fn hash(&self, key: &BucketKey) -> u64 {
+        // FNV-1a: short keys, no allocation, no per-process seed needed
+        // because keys are not attacker-chosen beyond the pool size bound.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for &byte in bytes {
+                h ^= u64::from(byte);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        };
+        feed(key.addr);
+        feed(&[0xff]);
+        feed(self.cut(key.slice));
+        feed(&key.tag.to_ne_bytes());
+        h
+    }
+
+    fn cut<'k>(&self, slice: &'k [u8]) -> &'k [u8] {
+        &slice[..slice.len().min(self.keylen)]
+    }
+
+    fn chain(&self, hash: u64) -> usize {
+        (hash as usize) & (self.table.len() - 1)
+    }
+
+    fn addr_of(&self, b: usize) -> &[u8] {
+        let start = b * MAX_ADDR_LEN;
+        &self.addrs[start..start + self.buckets[b].addr_len as usize]
+    }
+
+    fn slice_of(&self, b: usize) -> &[u8] {
+        let start = b * self.keylen;
+        &self.slices[start..start + self.buckets[b].slice_len as usize]
+    }
+
+    fn find_bucket(&self, key: &BucketKey, hash: u64) -> u32 {
+        let slice = self.cut(key.slice);
+        let mut b = self.table[self.chain(hash)];
+        while b != NIL {
+            let bucket = &self.buckets[b as usize];
+            if bucket.hash == hash
+                && bucket.tag == key.tag
+                && self.addr_of(b as usize) == key.addr
+                && self.slice_of(b as usize) == slice
+            {
+                return b;
+            }
+            b = bucket.chain_next;
+        }
+        NIL
+    }
+
+    fn acquire_bucket(&mut self, key: &BucketKey, hash: u64) -> u32 {
+        let b = self.free_bucket;
+        let i = b as usize;
+        self.free_bucket = self.buckets[i].chain_next;
+
+        let slice = self.cut(key.slice);
+        self.addrs[i * MAX_ADDR_LEN..i * MAX_ADDR_LEN + key.addr.len()].copy_from_slice(key.addr);
+        self.slices[i * self.keylen..i * self.keylen + slice.len()].copy_from_slice(slice);
+
+        let chain = self.chain(hash);
+        self.buckets[i] = Bucket {
+            hash,
+            tag: key.tag,
+            addr_len: key.addr.len() as u8,
+            slice_len: slice.len() as u32,
+            chain_next: self.table[chain],
+            head: NIL,
+            count: 0,
+        };
+        self.table[chain] = b;
+        self.buckets_in_use += 1;
+        b
+    }
+
+    fn release_bucket(&mut self, b: u32) {
+        let chain = self.chain(self.buckets[b as usize].hash);
+        let next = self.buckets[b as usize].chain_next;
+        if self.table[chain] == b {
+            self.table[chain] = next;
+        } else {
+            let mut p = self.table[chain];
+            while self.buckets[p as usize].chain_next != b {
+                p = self.buckets[p as usize].chain_next;
+            }
+            self.buckets[p as usize].chain_next = next;
+        }
+        self.buckets[b as usize].chain_next = self.free_bucket;
+        self.buckets[b as usize].head = NIL;
+        self.free_bucket = b;
+        self.buckets_in_use -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &[u8] = &[2, 0, 0x1f, 0x90, 127, 0, 0, 1];
+    const B: &[u8] = &[2, 0, 0x1f, 0x91, 127, 0, 0, 1];
+
+    fn key<'a>(addr: &'a [u8], slice: &'a [u8]) -> BucketKey<'a> {
+        BucketKey {
+            addr,
+            slice,
+            tag: 0,
+        }
+    }
+
+    fn unsliced(capacity: usize) -> IdleCache<u32> {
+        IdleCache::new(capacity, capacity + 1, 0)
+    }
+
+    #[test]
+    fn takes_only_from_the_same_address() {
+        let mut cache = unsliced(4);
+        cache.store(&key(A, b""), 1, usize::MAX).unwrap();
+        assert_eq!(cache.take(&key(B, b"")), None);
+        assert_eq!(cache.take(&key(A, b"")), Some(1));
+        assert_eq!(cache.take(&key(A, b"")), None);
+        assert!(cache.is_empty());
+        assert_eq!(cache.buckets_in_use(), 0);
+    }
+
+    #[test]
+    fn takes_the_most_recent_of_a_bucket() {
+        let mut cache = unsliced(4);
+        for c in 1..=3 {
+            cache.store(&key(A, b""), c, usize::MAX).unwrap();
+        }
+        assert_eq!(cache.take(&key(A, b"")), Some(3));
+        assert_eq!(cache.take(&key(A, b"")), Some(2));
+    }
+
+    #[test]
+    fn evicts_the_least_recently_stored_when_full() {
+        let mut cache = unsliced(2);
+        cache.store(&key(A, b""), 1, usize::MAX).unwrap();
+        cache.store(&key(B, b""), 2, usize::MAX).unwrap();
+        let stored = cache.store(&key(B, b""), 3, usize::MAX).unwrap();
+        assert_eq!(stored.evicted, Some(1));
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.take(&key(A, b"")), None);
+        assert_eq!(cache.bucket_len(&key(B, b"")), 2);
+    }
+
+    #[test]
+    fn eviction_that_empties_the_target_bucket_still_stores() {
+        let mut cache = unsliced(1);
+        cache.store(&key(A, b""), 1, usize::MAX).unwrap();
+        let stored = cache.store(&key(A, b""), 2, usize::MAX).unwrap();
+        assert_eq!(stored.evicted, Some(1));
+        assert_eq!(cache.take(&key(A, b"")), Some(2));
+    }
+
+    #[test]
+    fn unsliced_cache_never_runs_out_of_buckets() {
+        let mut cache = unsliced(3);
+        for port in 0..50u8 {
+            let addr = [2, 0, 0, port, 127, 0, 0, 1];
+            cache
+                .store(&key(&addr, b""), u32::from(port), usize::MAX)
+                .unwrap();
+        }
+        assert_eq!(cache.len(), 3);
+        assert_eq!(cache.buckets_in_use(), 3);
+    }
+
+    #[test]
+    fn slices_by_key_within_an_address() {
+        let mut cache = IdleCache::new(8, 4, 40);
+        cache.store(&key(A, b"a.example"), 1, 2).unwrap();
+        cache.store(&key(A, b"b.example"), 2, 2).unwrap();
+        assert_eq!(cache.take(&key(A, b"c.example")), None);
+        assert_eq!(cache.take(&key(B, b"a.example")), None);
+        assert_eq!(cache.take(&key(A, b"b.example")), Some(2));
+        assert_eq!(cache.take(&key(A, b"a.example")), Some(1));
+    }
+
+    #[test]
+    fn local_tag_separates_buckets() {
+        let mut cache = unsliced(4);
+        let one = BucketKey {
+            addr: A,
+            slice: b"",
+            tag: 1,
+        };
+        let two = BucketKey {
+            addr: A,
+            slice: b"",
+            tag: 2,
+        };
+        cache.store(&one, 1, usize::MAX).unwrap();
+        assert_eq!(cache.take(&two), None);
+        assert_eq!(cache.take(&one), Some(1));
+    }
+
+    #[test]
+    fn refuses_beyond_the_bucket_limit() {
+        let mut cache = IdleCache::new(8, 4, 40);
+        cache.store(&key(A, b"a"), 1, 2).unwrap();
+        cache.store(&key(A, b"a"), 2, 2).unwrap();
+        assert_eq!(
+            cache.store(&key(A, b"a"), 3, 2),
+            Err(Refusal::BucketFull { limit: 2 })
+        );
+        assert_eq!(cache.store(&key(A, b"b"), 4, 0), Err(Refusal::ZeroLimit));
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn pool_exhaustion_then_recovery() {
+        let mut cache = IdleCache::new(8, 2, 40);
+        let a = cache.store(&key(A, b"a"), 1, 4).unwrap();
+        let b = cache.store(&key(A, b"b"), 2, 4).unwrap();
+        assert_eq!(
+            cache.store(&key(A, b"c"), 3, 4),
+            Err(Refusal::PoolExhausted { poolsize: 2 })
+        );
+        // The backend closes both idle connections: their buckets return.
+        assert_eq!(cache.remove(a.slot), Some(1));
+        assert_eq!(cache.remove(b.slot), Some(2));
+        assert_eq!(cache.buckets_in_use(), 0);
+        cache.store(&key(A, b"c"), 3, 4).unwrap();
+        assert_eq!(cache.take(&key(A, b"c")), Some(3));
+    }
+
+    #[test]
+    fn eviction_updates_the_evicted_bucket() {
+        let mut cache = IdleCache::new(2, 4, 40);
+        cache.store(&key(A, b"a"), 1, 2).unwrap();
+        cache.store(&key(A, b"a"), 2, 2).unwrap();
+        let stored = cache.store(&key(A, b"b"), 3, 2).unwrap();
+        assert_eq!(stored.evicted, Some(1));
+        assert_eq!(cache.bucket_len(&key(A, b"a")), 1);
+        // Bucket a has room again; the cache is full, so the oldest (2) goes.
+        let stored = cache.store(&key(A, b"a"), 4, 2).unwrap();
+        assert_eq!(stored.evicted, Some(2));
+        assert_eq!(cache.bucket_len(&key(A, b"a")), 1);
+        assert_eq!(cache.bucket_len(&key(A, b"b")), 1);
+    }
+
+    #[test]
+    fn keys_are_cut_to_keylen() {
+        let mut cache = IdleCache::new(4, 4, 4);
+        cache.store(&key(A, b"abcdXXX"), 1, 4).unwrap();
+        assert_eq!(cache.take(&key(A, b"abcdYYY")), Some(1));
+        cache.store(&key(A, b"abc"), 2, 4).unwrap();
+        assert_eq!(cache.take(&key(A, b"abcd")), None);
+    }
+
+    #[test]
+    fn remove_of_a_free_slot_is_harmless() {
+        let mut cache = unsliced(2);
+        let s = cache.store(&key(A, b""), 1, usize::MAX).unwrap();
+        assert_eq!(cache.remove(s.slot), Some(1));
+        assert_eq!(cache.remove(s.slot), None);
+        assert_eq!(cache.remove(99), None);
+        assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn zero_capacity_keeps_nothing() {
+        let mut cache: IdleCache<u32> = IdleCache::new(0, 1, 0);
+        assert_eq!(
+            cache.store(&key(A, b""), 1, usize::MAX),
+            Err(Refusal::Unusable)
+        );
+    }
+
+    #[test]
+    fn drain_empties_everything() {
+        let mut cache = IdleCache::new(4, 4, 8);
+        cache.store(&key(A, b"a"), 1, 4).unwrap();
+        cache.store(&key(B, b"b"), 2, 4).unwrap();
+        let mut all: Vec<u32> = cache.drain().collect();
+        all.sort();
+        assert_eq!(all, vec![1, 2]);
+        assert!(cache.is_empty());
+        assert_eq!(cache.buckets_in_use(), 0);
+    }
+
+    /// A model check: random operations against a naive list agree.
+    #[test]
+    fn agrees_with_a_naive_model() {
+        let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let keys: [&[u8]; 4] = [b"a", b"b", b"c", b"d"];
+        let (capacity, poolsize, limit) = (6usize, 3usize, 3usize);
+        let mut cache = IdleCache::new(capacity, poolsize, 8);
+        // model: (conn, key index, slot), most recent first
+        let mut model: Vec<(u32, usize, usize)> = Vec::new();
+        for conn in 0..20_000u32 {
+            let k = (next() % 4) as usize;
+            let bk = key(A, keys[k]);
+            match next() % 3 {
+                0 => {
+                    let expect = model.iter().position(|&(_, mk, _)| mk == k);
+                    let got = cache.take(&bk);
+                    assert_eq!(got, expect.map(|i| model.remove(i).0));
+                }
+                1 => {
+                    let in_bucket = model.iter().filter(|&&(_, mk, _)| mk == k).count();
+                    let mut distinct: Vec<usize> = model.iter().map(|m| m.1).collect();
+                    distinct.sort();
+                    distinct.dedup();
+                    let result = cache.store(&bk, conn, limit);
+                    if in_bucket >= limit {
+                        assert_eq!(result, Err(Refusal::BucketFull { limit }));
+                    } else if in_bucket == 0 && distinct.len() >= poolsize {
+                        assert_eq!(result, Err(Refusal::PoolExhausted { poolsize }));
+                    } else {
+                        let stored = result.unwrap();
+                        let evicted = if model.len() == capacity {
+                            model.pop().map(|m| m.0)
+                        } else {
+                            None
+                        };
+                        assert_eq!(stored.evicted, evicted);
+                        model.insert(0, (conn, k, stored.slot));
+                    }
+                }
+                _ => {
+                    if !model.is_empty() {
+                        let i = (next() as usize) % model.len();
+                        let (c, _, slot) = model.remove(i);
+                        assert_eq!(cache.remove(slot), Some(c));
+                    }
+                }
+            }
+            assert_eq!(cache.len(), model.len());
+            let mut distinct: Vec<usize> = model.iter().map(|m| m.1).collect();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(cache.buckets_in_use(), distinct.len());
+        }
+    }
+}

@@ -1,0 +1,398 @@
+//! The nginx module: its exported tables, the directives and the server
+//! configuration of an upstream.
+//!
+//! Exporting `ngx_module_order` makes nginx insert this module before
+//! `ngx_http_upstream_keepalive_module`, so `keepalive` and friends inside
+//! `upstream {}` reach us first (nginx takes the first module whose command
+//! matches name and context). Outside `upstream {}` our commands do not
+//! match the context, so the client-side `keepalive_*` directives of the
+//! http core module keep working untouched.
+
+use core::ffi::{c_char, c_void};
+use core::mem::offset_of;
+use core::ptr;
+
+use ngx::ffi::{
+    ngx_command_t, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t,
+    ngx_http_compile_complex_value, ngx_http_compile_complex_value_t, ngx_http_complex_value_t,
+    ngx_http_conf_ctx_t, ngx_http_get_variable_index, ngx_http_module_t,
+    ngx_http_upstream_init_peer_pt, ngx_http_upstream_init_pt, ngx_http_upstream_init_round_robin,
+    ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_module_t, ngx_msec_t,
+    ngx_pcalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_TAKE1,
+    NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG,
+};
+use ngx::{ngx_conf_log_error, ngx_string};
+
+use crate::args::{parse_keepalive, ArgError};
+use crate::peer;
+
+pub const NGX_OK: ngx_int_t = ngx::ffi::NGX_OK as ngx_int_t;
+pub const NGX_ERROR: ngx_int_t = ngx::ffi::NGX_ERROR as ngx_int_t;
+const NGX_CONF_ERROR: *mut c_char = usize::MAX as *mut c_char;
+const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
+const NGX_CONF_UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
+
+const DEFAULT_REQUESTS: ngx_uint_t = 1000;
+const DEFAULT_TIME: ngx_msec_t = 3_600_000;
+const DEFAULT_TIMEOUT: ngx_msec_t = 60_000;
+
+/// The slicing part of an upstream's configuration.
+pub struct SliceConf {
+    /// `slice_key`, evaluated once per request in init peer.
+    pub key: *mut ngx_http_complex_value_t,
+    /// `slice_conn`: fixed idle connections per bucket.
+    pub conn: Option<usize>,
+    /// `slice_dyn`: index of the variable read at free time; wins over conn.
+    pub dyn_index: Option<ngx_uint_t>,
+    pub dyn_name: ngx_str_t,
+    pub poolsize: usize,
+    pub keylen: usize,
+}
+
+/// Server (upstream) configuration. The three `ngx_conf_set_*_slot`
+/// fields keep nginx's types so the stock slot setters can fill them.
+pub struct KeepaliveConf {
+    pub requests: ngx_uint_t,
+    pub time: ngx_msec_t,
+    pub timeout: ngx_msec_t,
+
+    /// `keepalive` was given in this upstream (for "is duplicate").
+    pub configured: bool,
+    pub max_cached: usize,
+    pub local: bool,
+    pub slice: Option<SliceConf>,
+
+    pub original_init_upstream: ngx_http_upstream_init_pt,
+    pub original_init_peer: ngx_http_upstream_init_peer_pt,
+
+    /// The worker's idle cache, created with the configuration and freed
+    /// with the cycle's pool.
+    pub idle: *mut peer::IdleState,
+}
+
+impl KeepaliveConf {
+    fn new() -> Self {
+        KeepaliveConf {
+            requests: NGX_CONF_UNSET_UINT,
+            time: NGX_CONF_UNSET_MSEC,
+            timeout: NGX_CONF_UNSET_MSEC,
+            configured: false,
+            max_cached: 0,
+            local: false,
+            slice: None,
+            original_init_upstream: None,
+            original_init_peer: None,
+            idle: ptr::null_mut(),
+        }
+    }
+}
+
+static mut COMMANDS: [ngx_command_t; 5] = [
+    ngx_command_t {
+        name: ngx_string!("keepalive"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
+        set: Some(keepalive_directive),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("keepalive_time"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(ngx_conf_set_msec_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(KeepaliveConf, time),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("keepalive_timeout"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(ngx_conf_set_msec_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(KeepaliveConf, timeout),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("keepalive_requests"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(ngx_conf_set_num_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(KeepaliveConf, requests),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t::empty(),
+];
+
+static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
+    preconfiguration: None,
+    postconfiguration: None,
+    create_main_conf: None,
+    init_main_conf: None,
+    create_srv_conf: Some(create_srv_conf),
+    merge_srv_conf: None,
+    create_loc_conf: None,
+    merge_loc_conf: None,
+};
+
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+pub static mut ngx_http_upstream_keepalive_slice_module: ngx_module_t = ngx_module_t {
+    ctx: ptr::addr_of!(MODULE_CTX) as *mut c_void,
+    // nginx reads the command table during configuration, on one thread.
+    commands: ptr::addr_of_mut!(COMMANDS) as *mut ngx_command_t,
+    type_: NGX_HTTP_MODULE as ngx_uint_t,
+    ..ngx_module_t::default()
+};
+
+/// A `*const` that may live in a static: the tables below are read-only
+/// data that nginx only reads, on the configuration thread.
+#[cfg(feature = "export-modules")]
+#[repr(transparent)]
+pub struct Exported<T>(pub T);
+// SAFETY: see above; nothing ever writes through these pointers.
+#[cfg(feature = "export-modules")]
+unsafe impl<T> Sync for Exported<T> {}
+
+#[cfg(feature = "export-modules")]
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+pub static ngx_modules: Exported<[*const ngx_module_t; 2]> = Exported([
+    // nginx owns the module struct from here on.
+    ptr::addr_of!(ngx_http_upstream_keepalive_slice_module),
+    ptr::null(),
+]);
+
+#[cfg(feature = "export-modules")]
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+pub static ngx_module_names: Exported<[*const c_char; 2]> = Exported([
+    c"ngx_http_upstream_keepalive_slice_module".as_ptr(),
+    ptr::null(),
+]);
+
+/// "Put this module before ngx_http_upstream_keepalive_module": nginx looks
+/// the name up, so this is harmless when that module is not compiled in.
+#[cfg(feature = "export-modules")]
+#[no_mangle]
+#[allow(non_upper_case_globals)]
+pub static ngx_module_order: Exported<[*const c_char; 3]> = Exported([
+    c"ngx_http_upstream_keepalive_slice_module".as_ptr(),
+    c"ngx_http_upstream_keepalive_module".as_ptr(),
+    ptr::null(),
+]);
+
+unsafe extern "C" fn create_srv_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    // SAFETY: cf is the live configuration; the pool memory is suitably
+    // aligned for any type and lives as long as the cycle.
+    unsafe {
+        let conf = ngx_pcalloc((*cf).pool, size_of::<KeepaliveConf>()) as *mut KeepaliveConf;
+        if conf.is_null() {
+            return ptr::null_mut();
+        }
+        conf.write(KeepaliveConf::new());
+        conf.cast()
+    }
+}
+
+/// Argument `i` of the directive being parsed.
+///
+/// # Safety
+/// `cf` must be the live configuration inside a directive handler.
+unsafe fn conf_args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
+    // SAFETY: cf->args is an array of ngx_str_t filled by the parser.
+    unsafe { (*(*cf).args).as_slice() }
+}
+
+fn emerg(cf: *mut ngx_conf_t, err: &ArgError) -> *mut c_char {
+    ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{err}");
+    NGX_CONF_ERROR
+}
+
+extern "C" fn keepalive_directive(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes our srv conf created by create_srv_conf.
+    let kcf = unsafe { &mut *(conf as *mut KeepaliveConf) };
+
+    if kcf.configured {
+        return c"is duplicate".as_ptr() as *mut c_char;
+    }
+
+    // SAFETY: called by the configuration parser with cf valid.
+    let values = unsafe { conf_args(cf) };
+    let args: Vec<&[u8]> = values[1..].iter().map(|v| v.as_bytes()).collect();
+
+    let parsed = match parse_keepalive(&args) {
+        Ok(parsed) => parsed,
+        Err(err) => return emerg(cf, &err),
+    };
+
+    kcf.configured = true;
+    kcf.max_cached = parsed.connections;
+    kcf.local = parsed.local;
+
+    if let Some(slice) = parsed.slice {
+        let key = match compile_key(cf, slice.key) {
+            Some(key) => key,
+            None => return NGX_CONF_ERROR,
+        };
+        let (dyn_index, dyn_name) = match slice.dyn_var {
+            Some(name) => match variable_index(cf, name) {
+                Some(found) => (Some(found.0), found.1),
+                None => return NGX_CONF_ERROR,
+            },
+            None => (None, ngx_str_t::empty()),
+        };
+        kcf.slice = Some(SliceConf {
+            key,
+            conn: slice.conn,
+            dyn_index,
+            dyn_name,
+            poolsize: slice.poolsize,
+            keylen: slice.keylen,
+        });
+    }
+
+    // SAFETY: the directive is only allowed in upstream{}, whose context
+    // holds the upstream module's srv conf.
+    let uscf = unsafe { upstream_srv_conf(cf) };
+
+    disable_stock_cache(cf, uscf);
+
+    if kcf.max_cached == 0 {
+        // keepalive 0: this upstream keeps nothing, as in nginx 1.29.7.
+        return ptr::null_mut();
+    }
+
+    // SAFETY: uscf is the upstream being configured.
+    unsafe {
+        kcf.original_init_upstream = (*uscf)
+            .peer
+            .init_upstream
+            .or(Some(ngx_http_upstream_init_round_robin));
+        (*uscf).peer.init_upstream = Some(peer::init_upstream);
+    }
+
+    ptr::null_mut()
+}
+
+/// The upstream module's conf of the `upstream {}` block being parsed.
+///
+/// # Safety
+/// `cf` must be inside an `upstream {}` block.
+unsafe fn upstream_srv_conf(cf: *mut ngx_conf_t) -> *mut ngx_http_upstream_srv_conf_t {
+    // SAFETY: in upstream{} cf->ctx is an ngx_http_conf_ctx_t.
+    unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        *(*ctx).srv_conf.add(ngx_http_upstream_module.ctx_index)
+            as *mut ngx_http_upstream_srv_conf_t
+    }
+}
+
+/// Switches nginx's own keepalive cache off for this upstream.
+///
+/// From nginx 1.29.7 the stock module enables itself for every upstream
+/// whose `max_cached` is not 0, and would then wrap ours and take every
+/// connection. Its server conf has begun with `ngx_uint_t max_cached` since
+/// 1.1.4, so writing 0 there is the switch; on older versions it is already
+/// 0 because the stock directive never ran.
+fn disable_stock_cache(cf: *mut ngx_conf_t, uscf: *mut ngx_http_upstream_srv_conf_t) {
+    // SAFETY: walks cycle->modules (NULL-terminated) and indexes the
+    // upstream's srv_conf array by a module's ctx_index, as nginx does.
+    unsafe {
+        let cycle = (*cf).cycle;
+        let mut m = (*cycle).modules;
+        while !(*m).is_null() {
+            let module = *m;
+            if module.cast_const() != ptr::addr_of!(ngx_http_upstream_keepalive_slice_module)
+                && !(*module).name.is_null()
+                && core::ffi::CStr::from_ptr((*module).name)
+                    == c"ngx_http_upstream_keepalive_module"
+            {
+                let conf = *(*uscf).srv_conf.add((*module).ctx_index) as *mut ngx_uint_t;
+                if !conf.is_null() {
+                    *conf = 0;
+                }
+                return;
+            }
+            m = m.add(1);
+        }
+    }
+}
+
+fn compile_key(cf: *mut ngx_conf_t, key: &[u8]) -> Option<*mut ngx_http_complex_value_t> {
+    // SAFETY: allocations from the configuration pool; the compiler reads
+    // `value` and fills `cv`.
+    unsafe {
+        let pool = (*cf).pool;
+        let cv = ngx_pcalloc(pool, size_of::<ngx_http_complex_value_t>())
+            as *mut ngx_http_complex_value_t;
+        let value = ngx_pcalloc(pool, size_of::<ngx_str_t>()) as *mut ngx_str_t;
+        if cv.is_null() || value.is_null() {
+            return None;
+        }
+        *value = ngx_str_t::from_bytes(pool, key)?;
+
+        let mut ccv: ngx_http_compile_complex_value_t = core::mem::zeroed();
+        ccv.cf = cf;
+        ccv.value = value;
+        ccv.complex_value = cv;
+        if ngx_http_compile_complex_value(&mut ccv) != NGX_OK {
+            return None;
+        }
+        Some(cv)
+    }
+}
+
+fn variable_index(cf: *mut ngx_conf_t, name: &[u8]) -> Option<(ngx_uint_t, ngx_str_t)> {
+    // SAFETY: the name is copied into the configuration pool; nginx logs
+    // "unknown variable" itself at the end of configuration if needed.
+    unsafe {
+        let mut name = ngx_str_t::from_bytes((*cf).pool, name)?;
+        let index = ngx_http_get_variable_index(cf, &mut name);
+        if index == NGX_ERROR {
+            return None;
+        }
+        Some((index as ngx_uint_t, name))
+    }
+}
+
+/// Fills in the defaults of the `keepalive_*` directives, as nginx does when
+/// the upstream is initialised.
+pub fn apply_defaults(kcf: &mut KeepaliveConf) {
+    if kcf.requests == NGX_CONF_UNSET_UINT {
+        kcf.requests = DEFAULT_REQUESTS;
+    }
+    if kcf.time == NGX_CONF_UNSET_MSEC {
+        kcf.time = DEFAULT_TIME;
+    }
+    if kcf.timeout == NGX_CONF_UNSET_MSEC {
+        kcf.timeout = DEFAULT_TIMEOUT;
+    }
+}
+
+/// Registers `drop` of a boxed value with the configuration pool, so the
+/// value is freed with the cycle (reloads do not leak).
+///
+/// # Safety
+/// `cf` must be the live configuration.
+pub unsafe fn free_with_cycle<T>(cf: *mut ngx_conf_t, value: Box<T>) -> Option<*mut T> {
+    unsafe extern "C" fn drop_boxed<T>(data: *mut c_void) {
+        // SAFETY: data came from Box::into_raw below and is dropped once.
+        drop(unsafe { Box::from_raw(data as *mut T) });
+    }
+
+    // SAFETY: the cleanup entry is owned by the pool.
+    unsafe {
+        let cln = ngx_pool_cleanup_add((*cf).pool, 0);
+        if cln.is_null() {
+            return None;
+        }
+        let raw = Box::into_raw(value);
+        (*cln).handler = Some(drop_boxed::<T>);
+        (*cln).data = raw.cast();
+        Some(raw)
+    }
+}
