@@ -13,4 +13,6 @@ $ngx_keepalive_slice_lib: FORCE_KEEPALIVE_SLICE
 
 FORCE_KEEPALIVE_SLICE:
 
+$NGX_OBJS${ngx_dirsep}ngx_http_upstream_keepalive_slice_module$ngx_modext: $ngx_keepalive_slice_lib
+
 END
