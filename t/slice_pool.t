@@ -1,0 +1,230 @@
+#!/usr/bin/perl
+
+# Tests for upstream keepalive: the pool of slice buckets (slice_poolsize),
+# buckets returning to the pool when their last idle connection leaves
+# (timeout, reuse, eviction), and key truncation (slice_keylen).
+
+###############################################################################
+
+use warnings;
+use strict;
+
+use Test::More;
+
+use FindBin;
+BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
+
+use Test::Nginx qw/ :DEFAULT http_start http_end /;
+use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+plan(skip_all => 'module not loaded')
+	unless ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+
+my $t = Test::Nginx->new()->has(qw/http proxy upstream_keepalive/);
+$t->write_file_expand('nginx.conf', <<'EOF');
+
+%%TEST_GLOBALS%%
+
+daemon off;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    upstream u_pool {
+        server 127.0.0.1:8081;
+        keepalive 8 slice_key=$host slice_conn=2 slice_poolsize=2;
+        keepalive_timeout 1s;
+    }
+
+    upstream u_take {
+        server 127.0.0.1:8082;
+        keepalive 8 slice_key=$host slice_conn=2 slice_poolsize=2;
+    }
+
+    upstream u_evict {
+        server 127.0.0.1:8083;
+        keepalive 2 slice_key=$host slice_conn=2 slice_poolsize=2;
+    }
+
+    upstream u_len {
+        server 127.0.0.1:8084;
+        keepalive 8 slice_key=$host slice_conn=2 slice_keylen=4;
+    }
+
+    upstream u_def {
+        server 127.0.0.1:8085;
+        keepalive 30 slice_key=$host slice_conn=1;
+    }
+
+    upstream u_def40 {
+        server 127.0.0.1:8086;
+        keepalive 8 slice_key=$host slice_conn=1;
+    }
+
+    server {
+        listen       127.0.0.1:8080;
+        server_name  localhost;
+
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+
+        location /pool/  { proxy_pass http://u_pool/; }
+        location /take/  { proxy_pass http://u_take/; }
+        location /evict/ { proxy_pass http://u_evict/; }
+        location /len/   { proxy_pass http://u_len/; }
+        location /def/   { proxy_pass http://u_def/; }
+        location /def40/ { proxy_pass http://u_def40/; }
+    }
+}
+
+EOF
+
+my $d = $t->testdir();
+my @ports = (8081 .. 8086);
+
+for my $p (@ports) {
+	$t->run_daemon(\&http_backend, port($p), log => "$d/b$p.log");
+}
+
+$t->run();
+$t->waitforsocket('127.0.0.1:' . port($_)) for @ports;
+
+$t->plan(31);
+
+###############################################################################
+
+sub get {
+	my ($host, $uri) = @_;
+	return http("GET $uri HTTP/1.0\r\nHost: $host\r\n\r\n");
+}
+
+sub conn {
+	return conn_of(get(@_)) // 0;
+}
+
+sub logged {
+	my ($re) = @_;
+	return scalar(() = $t->read_file('error.log') =~ /$re/gm);
+}
+
+sub delta {
+	my ($re, $code) = @_;
+	my $before = logged($re);
+	$code->();
+	return logged($re) - $before;
+}
+
+sub no_bucket {
+	my ($key, $n) = @_;
+	$n //= 2;
+	return qr/\[info\].*keepalive: connection not kept, no free bucket for key "\Q$key\E" \(slice_poolsize=$n in use\)/;
+}
+
+###############################################################################
+
+# poolsize 2: a third key finds no bucket while two keys hold idle
+# connections; once those time out, its connections are kept again
+
+is(conn('a.example', '/pool/x'), 1, 'pool: a opens');
+is(conn('b.example', '/pool/x'), 2, 'pool: b opens');
+
+my @c;
+my $n = delta(no_bucket('c.example'), sub {
+	@c = map { conn('c.example', '/pool/x') } 1 .. 2;
+});
+is("@c", '3 4', 'pool: c not reused while the pool is full');
+is($n, 2, 'pool: no free bucket logged');
+is(backend_log_wait("$d/b8081.log", qr/^close conn=[34] /, 2), 2,
+	'pool: c connections closed');
+
+is(conn('a.example', '/pool/x'), 1, 'pool: a still reuses');
+is(conn('b.example', '/pool/x'), 2, 'pool: b still reuses');
+
+# keepalive_timeout 1s: a's and b's idle connections go away
+
+is(backend_log_wait("$d/b8081.log", qr/^close conn=[12] reason=eof$/, 2, 6),
+	2, 'pool: idle a and b timed out');
+
+$n = delta(no_bucket('c.example'), sub {
+	@c = map { conn('c.example', '/pool/x') } 1 .. 3;
+});
+is("@c", '5 5 5', 'pool: c kept and reused after the timeout');
+is($n, 0, 'pool: no refusal after the timeout');
+
+# a bucket is released when its only connection is taken for reuse: while
+# a's connection is busy, c may take a's bucket
+
+is(conn('a.example', '/take/x'), 1, 'take: a opens');
+is(conn('b.example', '/take/x'), 2, 'take: b opens');
+
+my ($ra, $rc);
+$n = delta(no_bucket('a.example'), sub {
+	my $sa = http_start("GET /take/sleep/800 HTTP/1.0\r\n"
+		. "Host: a.example\r\n\r\n");
+	select undef, undef, undef, 0.2;
+	$rc = http("GET /take/sleep/50 HTTP/1.0\r\nHost: c.example\r\n\r\n");
+	$ra = http_end($sa);
+});
+
+is(conn_of($ra), 1, 'take: a reused its connection');
+is(conn_of($rc), 3, 'take: c opened one meanwhile');
+is($n, 1, 'take: a found no bucket when done');
+is(conn('c.example', '/take/x'), 3, 'take: c was kept in a\'s bucket');
+is(backend_log_wait("$d/b8082.log", qr/^close conn=1 /, 1), 1,
+	'take: a\'s connection closed');
+
+# a bucket is released when its last connection is evicted
+
+is(conn('a.example', '/evict/x'), 1, 'evict: a opens');
+is(conn('b.example', '/evict/x'), 2, 'evict: b opens');
+
+# two b requests at once: one reuses 2, one opens 3; storing both evicts a
+
+my @s = map { http_start("GET /evict/sleep/200 HTTP/1.0\r\n"
+	. "Host: b.example\r\n\r\n") } 1 .. 2;
+my @b = sort map { conn_of(http_end($_)) // 0 } @s;
+is("@b", '2 3', 'evict: b twice in parallel');
+is(backend_log_wait("$d/b8083.log", qr/^close conn=1 /, 1), 1,
+	'evict: a evicted');
+
+$n = delta(no_bucket('c.example'), sub {
+	@c = map { conn('c.example', '/evict/x') } 1 .. 2;
+});
+is("@c", '4 4', 'evict: c kept in the bucket a left');
+is($n, 0, 'evict: no refusal');
+
+# slice_keylen=4: keys equal in the first 4 bytes share a bucket
+
+my $r = get('abcd1.example', '/len/x');
+is(conn_of($r), 1, 'keylen: abcd1 opens');
+$r = get('abcd2.example', '/len/x');
+is(conn_of($r), 1, 'keylen: abcd2 shares the bucket');
+like($r, qr/^X-Host: abcd2\.example\r?$/m, 'keylen: with its own host');
+is(conn('abce.example', '/len/x'), 2, 'keylen: abce does not');
+is(conn('abcd1.example', '/len/x'), 1, 'keylen: abcd1 again');
+
+# defaults: 20 buckets, keys cut to 40 bytes
+
+my @h = map { conn(sprintf('h%02d.example', $_), '/def/x') } 1 .. 20;
+is("@h", join(' ', 1 .. 20), 'default poolsize: 20 hosts');
+
+$n = delta(no_bucket('h21.example', 20), sub {
+	@h = map { conn('h21.example', '/def/x') } 1 .. 2;
+});
+is("@h  $n", '21 22  2', 'default poolsize: 21st key finds no bucket');
+
+my $k = 'k' x 39;
+@h = map { conn($_, '/def40/x') }
+	("${k}k.one.example", "${k}k.two.example", "${k}j.one.example");
+is("@h", '1 1 2', 'default keylen: 40 bytes compared');
+
+###############################################################################
