@@ -34,13 +34,14 @@ CARGO_FLAGS = --release
 NGINX_BINARY_SRC = $$(ls -t target/release/build/nginx-sys-*/out/objs/nginx | head -n 1)
 endif
 
-TEST_GLOBALS = load_module $(CURDIR)/objs/$(MODULE).so;
 # Workers run as nobody by default and could not read the test directory.
 ifeq ($(shell id -u),0)
-TEST_GLOBALS += user root;
+ROOT_GLOBALS = user root;
 endif
+TEST_GLOBALS = load_module $(CURDIR)/objs/$(MODULE).so; $(ROOT_GLOBALS)
 
-.PHONY: all build test unit prove check demo bench deps deps-demo deps-bench clean
+.PHONY: all build test unit prove check demo bench deps deps-demo deps-bench clean \
+	test-without-stock
 
 all: build
 
@@ -70,6 +71,31 @@ prove:
 	prove -j$(PROVE_JOBS) t/
 
 test: deps build unit prove
+
+# The same suites against an nginx built --without-http_upstream_keepalive_module
+# (from the vendored source), with the module built against that nginx: the
+# module must not depend on the stock one being there.
+WITHOUT_DIR = $(CURDIR)/target/nginx-without-stock
+WITHOUT_CONFIGURE = --with-compat --with-debug --with-http_ssl_module \
+	--with-http_v2_module --with-threads --without-http_upstream_keepalive_module
+
+test-without-stock: deps
+	set -e; \
+	if [ ! -x $(WITHOUT_DIR)/objs/nginx ]; then \
+		src=$$($(CARGO) metadata --format-version 1 | perl -MJSON::PP -0777 -ne \
+			'for (@{decode_json($$_)->{packages}}) { print "$$1/nginx" \
+			if $$_->{name} eq "nginx-src" && $$_->{manifest_path} =~ m{(.*)/Cargo.toml$$} }'); \
+		rm -rf $(WITHOUT_DIR); cp -r $$src $(WITHOUT_DIR); \
+		cd $(WITHOUT_DIR) && ./auto/configure $(WITHOUT_CONFIGURE) > configure.log \
+		&& $(MAKE) -j2 > make.log; \
+	fi
+	NGINX_SOURCE_DIR=$(WITHOUT_DIR) NGINX_BUILD_DIR=$(WITHOUT_DIR)/objs \
+	CARGO_TARGET_DIR=$(WITHOUT_DIR)/cargo \
+		$(CARGO) build --release --no-default-features --features export-modules
+	TEST_NGINX_BINARY=$(WITHOUT_DIR)/objs/nginx \
+	TEST_NGINX_GLOBALS="load_module $(WITHOUT_DIR)/cargo/release/lib$(MODULE).so; $(ROOT_GLOBALS)" \
+	PERL5LIB=$(CURDIR)/t/lib \
+	prove -j$(PROVE_JOBS) t/
 
 check:
 	$(CARGO) fmt --check

@@ -262,6 +262,8 @@ my %special = (
 
 # Dynamic modules loaded by "load_module" in TEST_NGINX_GLOBALS count too.
 my %dynamic = (
+	# a module loaded dynamically in place of one built without
+	upstream_keepalive	=> 'ngx_http_upstream_keepalive',
 	http_geoip	=> 'ngx_http_geoip_module',
 	image_filter	=> 'ngx_http_image_filter_module',
 	perl		=> 'ngx_http_perl_module',

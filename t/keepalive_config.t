@@ -1,0 +1,246 @@
+#!/usr/bin/perl
+
+# Tests for upstream keepalive: configuration.  Bad "keepalive",
+# "keepalive_timeout", "keepalive_time" and "keepalive_requests" in
+# upstream{} make "nginx -t" fail with an [emerg] naming the directive and
+# the value; good ones pass, in any order inside upstream{}, and the
+# client side keepalive_* directives at http/server/location level are
+# left to nginx's core module.  Needs this module: the messages, "local",
+# "keepalive 0" and the slice parameters are its own.
+
+###############################################################################
+
+use warnings;
+use strict;
+
+use Test::More;
+
+use FindBin;
+BEGIN { push @INC, "$FindBin::Bin/lib"; }
+
+use Test::Nginx;
+use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count /;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+plan(skip_all => 'module not loaded')
+	unless ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+
+my $t = Test::Nginx->new()->has(qw/http proxy upstream_keepalive/);
+
+###############################################################################
+
+# A complete configuration around an upstream{} block body and, optionally,
+# extra directives for the http, server and location levels.
+
+sub conf {
+	my ($upstream, %extra) = @_;
+
+	my $http = $extra{http} // '';
+	my $server = $extra{server} // '';
+	my $location = $extra{location} // '';
+
+	return <<"EOF";
+
+%%TEST_GLOBALS%%
+
+daemon off;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    $http
+
+    upstream u {
+        server 127.0.0.1:8081;
+        $upstream
+    }
+
+    server {
+        listen       127.0.0.1:8080;
+        server_name  localhost;
+
+        $server
+
+        location / {
+            proxy_pass http://u;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+
+            $location
+        }
+    }
+}
+
+EOF
+}
+
+# Runs "nginx -t" on the configuration; returns the exit status and what
+# nginx printed.
+
+my $n = 0;
+
+sub test_conf {
+	my ($conf) = @_;
+
+	my $d = $t->testdir();
+	my $name = 'test' . ++$n . '.conf';
+
+	$t->write_file_expand($name, $conf);
+
+	my $out = `\Q$Test::Nginx::NGINX\E -t -p $d/ -c $name -e error.log 2>&1`;
+	my $status = $? >> 8;
+
+	# "nginx -t" writes the pid file, which would make run() below
+	# believe that nginx has already started
+
+	unlink "$d/nginx.pid";
+
+	return ($status, $out);
+}
+
+# "nginx -t" must fail, with the [emerg] line matching $re.
+
+sub bad {
+	my ($upstream, $re, $name) = @_;
+
+	my ($status, $out) = test_conf(conf($upstream));
+
+	subtest $name => sub {
+		plan(tests => 2);
+		isnt($status, 0, 'nginx -t fails');
+		like($out, qr/\[emerg\] $re/, 'emerg message');
+	};
+}
+
+# "nginx -t" must succeed.
+
+sub good {
+	my ($name, $upstream, %extra) = @_;
+
+	my ($status, $out) = test_conf(conf($upstream, %extra));
+
+	subtest $name => sub {
+		plan(tests => 2);
+		is($status, 0, 'nginx -t succeeds');
+		like($out, qr/test is successful/, 'nginx says so');
+	};
+}
+
+###############################################################################
+
+$t->plan(23);
+
+# bad values
+
+bad('keepalive abc;',
+	qr/invalid value "abc" in "keepalive" directive/,
+	'keepalive abc');
+bad('keepalive -1;',
+	qr/invalid value "-1" in "keepalive" directive/,
+	'keepalive -1');
+bad('keepalive 8 foo;',
+	qr/invalid parameter "foo" in "keepalive" directive/,
+	'keepalive 8 foo');
+bad('keepalive 8 local local;',
+	qr/duplicate parameter "local" in "keepalive" directive/,
+	'keepalive 8 local local');
+bad("keepalive 8;\n keepalive 4;",
+	qr/"keepalive" directive is duplicate/,
+	'keepalive twice');
+bad('keepalive;',
+	qr/invalid number of arguments in "keepalive" directive/,
+	'keepalive without arguments');
+bad("keepalive 8;\n keepalive_timeout abc;",
+	qr/"keepalive_timeout" directive invalid value/,
+	'keepalive_timeout abc');
+bad("keepalive 8;\n keepalive_time 1x;",
+	qr/"keepalive_time" directive invalid value/,
+	'keepalive_time 1x');
+bad("keepalive 8;\n keepalive_requests abc;",
+	qr/"keepalive_requests" directive invalid number/,
+	'keepalive_requests abc');
+
+# good values
+
+good('keepalive 0', 'keepalive 0;');
+good('keepalive 16 local', 'keepalive 16 local;');
+good('keepalive_* after keepalive',
+	"keepalive 8;\n keepalive_timeout 30s;\n keepalive_requests 10;\n"
+	. " keepalive_time 1h;");
+good('keepalive_* before keepalive',
+	"keepalive_timeout 30s;\n keepalive_requests 10;\n"
+	. " keepalive_time 1h;\n keepalive 8;");
+good('keepalive_* without keepalive',
+	"keepalive_timeout 30s;\n keepalive_requests 10;\n keepalive_time 1h;");
+good('slice parameters', 'keepalive 8 slice_key=$host slice_conn=2;');
+
+my $client = 'keepalive_timeout 30s 20s; keepalive_requests 50; '
+	. 'keepalive_time 10m;';
+
+good('client side keepalive_* at every level', 'keepalive 8;',
+	http => $client, server => $client, location => $client);
+
+# the module is the one handling "keepalive": nginx 1.28's own module takes
+# exactly one argument, so "local" is refused without the module (and an
+# nginx built --without-http_upstream_keepalive_module knows no "keepalive")
+
+{
+	(my $conf = conf('keepalive 8 local;'))
+		=~ s/%%TEST_GLOBALS%%/%%TEST_GLOBALS%%\n%%NO_MODULE%%/;
+
+	my $globals = $t->test_globals();
+	$globals =~ s/load_module\s+\S*keepalive_slice\S*\s*;//g;
+
+	$conf =~ s/%%TEST_GLOBALS%%\n%%NO_MODULE%%/$globals/;
+
+	my ($status, $out) = test_conf($conf);
+
+	like($out, qr/\[emerg\] (invalid number of arguments in|unknown directive) "keepalive"/,
+		'without the module: "local" refused');
+	isnt($status, 0, 'without the module: nginx -t fails');
+}
+
+# at run time: keepalive_requests given before keepalive takes effect, and
+# the client side directives are nginx's own (Keep-Alive: timeout=20)
+
+$t->write_file_expand('nginx.conf', conf(
+	"keepalive_requests 2;\n keepalive_timeout 30s;\n keepalive 8;",
+	location => 'keepalive_timeout 30s 20s;'));
+
+my $blog = $t->testdir() . '/backend.log';
+
+$t->run_daemon(\&http_backend, port(8081), log => $blog);
+$t->run()->waitforsocket('127.0.0.1:' . port(8081))
+	or die "Can't start backend";
+
+my @r = map { http_get("/$_") } 1 .. 3;
+
+is(conn_of($r[1]), conn_of($r[0]), 'keepalive_requests first: reused');
+like($r[1], qr/^X-Request: 2\r?$/m, 'keepalive_requests first: 2 requests');
+isnt(conn_of($r[2]), conn_of($r[0]),
+	'keepalive_requests first: then a new connection');
+like($t->read_file('error.log'),
+	qr/not saving: keepalive_requests reached/,
+	'keepalive_requests first: module log');
+
+my $r = http(<<EOF);
+GET /a HTTP/1.1
+Host: localhost
+
+GET /b HTTP/1.1
+Host: localhost
+Connection: close
+
+EOF
+
+like($r, qr/^Keep-Alive: timeout=20\r?$/m,
+	'client keepalive_timeout header');
+
+###############################################################################

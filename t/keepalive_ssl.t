@@ -1,0 +1,199 @@
+#!/usr/bin/perl
+
+# Tests for upstream keepalive: an SSL upstream.  The idle SSL connection is
+# reused, and once it is gone (keepalive_requests reached, or closed by
+# keepalive_timeout) the new connection resumes the SSL session: the
+# session callbacks (set_session/save_session) reach the balancer through
+# the keepalive module.  Idle SSL connections are closed without alerts,
+# including at shutdown.
+
+###############################################################################
+
+use warnings;
+use strict;
+
+use Test::More;
+
+use FindBin;
+BEGIN { push @INC, "$FindBin::Bin/lib"; }
+
+use Test::Nginx;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+my $t = Test::Nginx->new()->has(qw/http http_ssl proxy upstream_keepalive/)
+	->has_daemon('openssl');
+
+$t->write_file_expand('nginx.conf', <<'EOF');
+
+%%TEST_GLOBALS%%
+
+daemon off;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    upstream u {
+        server 127.0.0.1:8081;
+        keepalive 1;
+        keepalive_requests 2;
+    }
+
+    upstream u_timeout {
+        server 127.0.0.1:8081;
+        keepalive 1;
+        keepalive_timeout 1s;
+    }
+
+    server {
+        listen       127.0.0.1:8080;
+        server_name  localhost;
+
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_ssl_session_reuse on;
+
+        location / {
+            proxy_pass https://u;
+        }
+
+        location /timeout/ {
+            proxy_pass https://u_timeout;
+        }
+    }
+
+    server {
+        listen       127.0.0.1:8081 ssl;
+        server_name  localhost;
+
+        ssl_certificate localhost.crt;
+        ssl_certificate_key localhost.key;
+        ssl_session_cache shared:SSL:1m;
+
+        location / {
+            add_header X-Conn $connection always;
+            add_header X-Requests $connection_requests always;
+            add_header X-Reused $ssl_session_reused always;
+            return 200 "backend $uri\n";
+        }
+    }
+}
+
+EOF
+
+$t->write_file('openssl.conf', <<EOF);
+[ req ]
+default_bits = 2048
+encrypt_key = no
+distinguished_name = req_distinguished_name
+[ req_distinguished_name ]
+EOF
+
+my $d = $t->testdir();
+
+foreach my $name ('localhost') {
+	system('openssl req -x509 -new '
+		. "-config $d/openssl.conf -subj /CN=$name/ "
+		. "-out $d/$name.crt -keyout $d/$name.key "
+		. ">>$d/openssl.out 2>&1") == 0
+		or die "Can't create certificate for $name: $!\n";
+}
+
+$t->run()->plan(18);
+
+my $ours = ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+
+###############################################################################
+
+sub hdr {
+	my ($r, $name) = @_;
+	return undef unless defined $r;
+	my ($head) = split /\r\n\r\n/, $r, 2;
+	return $head =~ /^\Q$name\E: (\S+)\r?$/mi ? $1 : undef;
+}
+
+# keepalive_requests 2: two requests on the first connection, which is
+# then closed; the next connection resumes the session
+
+my $r1 = http_get('/1');
+my $r2 = http_get('/2');
+my $r3 = http_get('/3');
+my $r4 = http_get('/4');
+
+like($r1, qr/200 OK.*backend \/1$/s, 'first request');
+is(hdr($r1, 'X-Reused'), '.', 'first connection: new session');
+
+is(hdr($r2, 'X-Conn'), hdr($r1, 'X-Conn'), 'second request: reused');
+is(hdr($r2, 'X-Requests'), 2, 'second request: 2nd on the connection');
+
+isnt(hdr($r3, 'X-Conn'), hdr($r1, 'X-Conn'),
+	'keepalive_requests: new connection');
+is(hdr($r3, 'X-Requests'), 1, 'new connection: 1st request');
+is(hdr($r3, 'X-Reused'), 'r', 'new connection: session resumed');
+
+is(hdr($r4, 'X-Conn'), hdr($r3, 'X-Conn'), 'resumed connection reused');
+like($r4, qr/200 OK.*backend \/4$/s, 'resumed connection: response');
+
+# and a third connection, left idle until nginx exits
+
+my $r5 = http_get('/5');
+is(hdr($r5, 'X-Reused'), 'r', 'third connection: session resumed');
+
+# keepalive_timeout: the idle SSL connection is closed by nginx after 1s,
+# the next request resumes the session on a new connection
+
+my $t1 = http_get('/timeout/1');
+my $t2 = http_get('/timeout/2');
+
+is(hdr($t2, 'X-Conn'), hdr($t1, 'X-Conn'), 'timeout: reused before timeout');
+
+select undef, undef, undef, 1.5;
+
+# the backend server (same error.log) saw nginx close the idle connection
+
+my $c1 = hdr($t1, 'X-Conn') // 'none';
+like($t->read_file('error.log'),
+	qr/\*$c1 client 127.0.0.1 closed keepalive connection/,
+	'timeout: idle connection closed by nginx');
+
+my $t3 = http_get('/timeout/3');
+
+like($t3, qr/200 OK.*backend \/timeout\/3$/s, 'timeout: request after idle');
+isnt(hdr($t3, 'X-Conn'), hdr($t1, 'X-Conn'), 'timeout: new connection');
+is(hdr($t3, 'X-Reused'), 'r', 'timeout: session resumed');
+
+# only our module logs these
+
+SKIP: {
+skip 'module not loaded', 2 unless $ours;
+
+my $log = $t->read_file('error.log');
+
+is(() = $log =~ /get keepalive slice peer: using connection/g, 3,
+	'module: 3 reuses');
+like($log, qr/keepalive slice close handler/, 'module: close handler');
+
+}
+
+# at exit, nginx closes the idle SSL connections left in both upstreams;
+# "no alerts" (added by Test::Nginx) checks that this went quietly
+
+$t->stop();
+
+SKIP: {
+skip 'module not loaded', 1 unless $ours;
+
+# one close for the timeout above, two at exit
+
+is(() = $t->read_file('error.log') =~ /keepalive slice close handler/g, 3,
+	'module: idle connections closed at exit');
+
+}
+
+###############################################################################
