@@ -53,9 +53,7 @@ struct PeerData {
     request: *mut ngx_http_request_t,
     /// The wrapped balancer's own data.
     data: *mut c_void,
-    /// Evaluated `slice_key`; `None` when its evaluation failed, in which
-    /// case the request neither takes nor leaves an idle connection.
-    slice_key: Option<ngx_str_t>,
+    slice_key: SliceKey,
 
     original_get_peer: ngx_event_get_peer_pt,
     original_free_peer: ngx_event_free_peer_pt,
@@ -66,6 +64,15 @@ struct PeerData {
     original_save_session: ngx_event_save_peer_session_pt,
 }
 
+/// The request's `slice_key`, evaluated once in init peer.
+enum SliceKey {
+    Unsliced,
+    Key(ngx_str_t),
+    /// Evaluation failed: the request neither takes nor leaves an idle
+    /// connection, and is otherwise unaffected.
+    Failed,
+}
+
 impl PeerData {
     /// The bucket this request's connections belong to.
     ///
@@ -73,10 +80,10 @@ impl PeerData {
     /// `pc` must hold the address chosen by the balancer, and `upstream`
     /// must be live.
     unsafe fn bucket_key(&self, pc: *mut ngx_peer_connection_t) -> Option<BucketKey<'_>> {
-        let slice = match (&self.slice_key, unsafe { &(*self.conf).slice }) {
-            (Some(key), Some(_)) => key.as_bytes(),
-            (None, Some(_)) => return None,
-            (_, None) => &[][..],
+        let slice = match &self.slice_key {
+            SliceKey::Unsliced => &[][..],
+            SliceKey::Key(key) => key.as_bytes(),
+            SliceKey::Failed => return None,
         };
         // SAFETY: sockaddr/socklen describe the balancer's choice; u->conf
         // is the location's upstream conf, stable for the cycle.
@@ -178,17 +185,17 @@ unsafe extern "C" fn init_peer(
                         "keepalive slice key: \"{}\"",
                         NgxStr::from_bytes(key.as_bytes())
                     );
-                    Some(key)
+                    SliceKey::Key(key)
                 } else {
                     ngx_log_error!(
                         NGX_LOG_WARN,
                         log,
                         "keepalive: cannot evaluate \"slice_key\", idle connections not used"
                     );
-                    None
+                    SliceKey::Failed
                 }
             }
-            None => None,
+            None => SliceKey::Unsliced,
         };
 
         let u = (*r).upstream;
