@@ -23,44 +23,30 @@ use v5.36;
 use strict;
 use warnings;
 
-use Cwd qw(abs_path);
 use FindBin;
-use File::Path qw(remove_tree);
-use File::Temp qw(tempdir);
-use IO::Socket::INET;
 use POSIX ();
-use Time::HiRes qw(time sleep);
+
+# The process management demo/demo.pl uses too.
+use lib "$FindBin::Bin/../demo/lib";
+use Demo::Processes qw(objs find_program scratch_dir spawn track untrack
+	wait_port stop free_ports write_file);
 
 my $DURATION    = $ENV{BENCH_DURATION}    // 10;
 my $CONNECTIONS = $ENV{BENCH_CONNECTIONS} // 32;
 my $THREADS     = $ENV{BENCH_THREADS}     // 2;
 my @HOSTS       = qw(a.bench b.bench c.bench d.bench);
 
-my $MODULE = 'ngx_http_upstream_keepalive_slice_module';
-my $ROOT   = abs_path("$FindBin::Bin/..");    # the repository
-my $NGINX  = "$ROOT/objs/nginx";
-my $SO     = "$ROOT/objs/$MODULE.so";
-
-my $MAIN_PID = $$;
-my %children;    # pid => name, of the processes we started (and only those)
-my $tmp;
-
 $| = 1;
 $SIG{PIPE} = 'IGNORE';
-# die() unwinds to the END block, which stops what we started.
+# die() unwinds to the END block of Demo::Processes, which stops what we
+# started.
 $SIG{INT} = $SIG{TERM} = sub { die "interrupted\n" };
 
-END {
-	local $?;
-	cleanup() if $$ == $MAIN_PID;
-}
-
--x $NGINX && -f $SO
-	or die "objs/nginx or objs/$MODULE.so missing: run make build\n";
-my $WRK = (grep { -x } map { "$_/wrk" } split /:/, $ENV{PATH})[0]
+my ($NGINX, $SO) = objs();
+my $WRK = find_program('wrk')
 	or die "wrk not found: apt-get install wrk\n";
 
-$tmp = tempdir('nginx-keepalive-slice-bench-XXXXXX', DIR => '/tmp');
+my $tmp = scratch_dir('nginx-keepalive-slice-bench', 'BENCH_KEEP');
 
 # Workers run as nobody by default when started as root and could not
 # write into the temporary directory.
@@ -238,10 +224,10 @@ sub run_wrk ($c) {
 			or print "exec $WRK: $!\n";
 		POSIX::_exit(127);
 	}
-	$children{$pid} = 'wrk';
+	track($pid, 'wrk');
 	my $out = do { local $/; <$fh> };
 	close $fh;
-	delete $children{$pid};
+	untrack($pid);
 	die "wrk failed:\n$out" if $? || !length $out;
 	return $out;
 }
@@ -265,81 +251,14 @@ sub start_nginx ($name, $conf) {
 	write_file("$prefix/nginx.conf",
 		"daemon off;\npid $prefix/logs/nginx.pid;\n$conf");
 
-	my $pid = fork() // die "fork: $!\n";
-	if ($pid == 0) {
-		$SIG{INT} = $SIG{TERM} = 'DEFAULT';
-		# Own process group: Ctrl-C reaches only this script, which then
-		# stops the servers in order.
-		POSIX::setpgid(0, 0);
-		open STDIN, '<', '/dev/null';
-		open STDOUT, '>>', "$prefix/logs/stderr.log";
-		open STDERR, '>&', \*STDOUT;
-		exec $NGINX, '-p', "$prefix/", '-c', "$prefix/nginx.conf"
-			or print STDERR "exec $NGINX: $!\n";
-		POSIX::_exit(127);
-	}
-	$children{$pid} = $name;
+	my $pid = spawn("nginx $name", "$prefix/logs/stderr.log",
+		$NGINX, '-p', "$prefix/", '-c', "$prefix/nginx.conf");
 
 	# Ready when it accepts on its first port; it binds them all at once.
 	my ($port) = $conf =~ /listen 127\.0\.0\.1:(\d+)/;
-	for (1 .. 100) {
-		if (my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port")) {
-			close $s;
-			return $pid;
-		}
-		if (waitpid($pid, POSIX::WNOHANG()) == $pid) {
-			delete $children{$pid};
-			die "nginx $name exited during startup:\n"
-				. slurp("$prefix/logs/stderr.log")
-				. slurp("$prefix/logs/error.log");
-		}
-		sleep 0.1;
-	}
-	die "nginx $name does not listen on port $port\n";
-}
-
-# Graceful stop (QUIT) of one process we started; KILL after 10 seconds.
-sub stop ($pid, $sig = 'QUIT') {
-	return unless delete $children{$pid};
-	kill $sig, $pid;
-	my $deadline = time + 10;
-	while (waitpid($pid, POSIX::WNOHANG()) == 0) {
-		if (time > $deadline) {
-			kill 'KILL', $pid;
-			waitpid($pid, 0);
-			last;
-		}
-		sleep 0.05;
-	}
-}
-
-sub cleanup {
-	local $SIG{INT} = local $SIG{TERM} = 'IGNORE';
-	stop($_, 'TERM') for keys %children;
-
-	return unless defined $tmp && -d $tmp;
-	if ($ENV{BENCH_KEEP}) {
-		print "kept: $tmp\n";
-	} else {
-		remove_tree($tmp);
-	}
-}
-
-# The kernel hands out free ports for port 0; all are held until the last
-# is chosen so that none is handed out twice.  The short window until the
-# servers bind them is acceptable here.
-sub free_ports ($n) {
-	my @s = map {
-		IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0,
-			Listen => 1, ReuseAddr => 1) or die "bind: $!\n"
-	} 1 .. $n;
-	return map { $_->sockport } @s;
-}
-
-sub write_file ($file, $content) {
-	open my $fh, '>', $file or die "open $file: $!\n";
-	print $fh $content;
-	close $fh or die "close $file: $!\n";
+	wait_port($port, "nginx $name",
+		"$prefix/logs/stderr.log", "$prefix/logs/error.log");
+	return $pid;
 }
 
 sub slurp ($file) {

@@ -28,14 +28,15 @@ use v5.36;
 use strict;
 use warnings;
 
-use Cwd qw(abs_path);
 use FindBin;
-use File::Path qw(remove_tree);
-use File::Temp qw(tempdir);
 use IO::Select;
 use IO::Socket::INET;
 use POSIX ();
 use Time::HiRes qw(time sleep);
+
+use lib "$FindBin::Bin/lib";
+use Demo::Processes qw(objs find_program scratch_dir spawn track untrack
+	wait_port free_ports write_file);
 
 my $REQUESTS = $ENV{DEMO_REQUESTS} // 3000;
 my $CLIENTS  = $ENV{DEMO_CLIENTS}  // 8;
@@ -50,37 +51,20 @@ my @VHOSTS = (
 );
 my @HOSTS = map { $_->[0] } @VHOSTS;
 
-my $MODULE = 'ngx_http_upstream_keepalive_slice_module';
-my $ROOT   = abs_path("$FindBin::Bin/..");    # the repository
-my $NGINX  = "$ROOT/objs/nginx";
-my $SO     = "$ROOT/objs/$MODULE.so";
-
-my $MAIN_PID = $$;
-my %children;    # pid => name, of the processes we started (and only those)
-my $tmp;
-
 $| = 1;
 $SIG{PIPE} = 'IGNORE';
-# die() unwinds to the END block, which stops what we started.
+# die() unwinds to the END block of Demo::Processes, which stops what we
+# started (forked client workers leave with POSIX::_exit).
 $SIG{INT} = $SIG{TERM} = sub { die "interrupted\n" };
-
-END {
-	# Forked client workers leave with POSIX::_exit; this is for the main
-	# process only.  local $? keeps the exit status chosen below.
-	local $?;
-	cleanup() if $$ == $MAIN_PID;
-}
 
 ###############################################################################
 # Preconditions.
 
--x $NGINX && -f $SO
-	or die "objs/nginx or objs/$MODULE.so missing: run make build\n";
+my ($NGINX, $SO) = objs();
 $> == 0
 	or die "run as root: mpm-itk has to switch to the vhosts' users\n";
 
-my $APACHE = (grep { -x } map { "$_/apache2" } split(/:/, $ENV{PATH}),
-	'/usr/sbin')[0]
+my $APACHE = find_program('apache2', '/usr/sbin')
 	or die "apache2 not found: apt-get install apache2 libapache2-mpm-itk\n";
 my $MODDIR = '/usr/lib/apache2/modules';
 -f "$MODDIR/mpm_itk.so"
@@ -92,7 +76,7 @@ for my $v (@VHOSTS) {
 }
 
 # The vhosts' users must be able to reach their document roots in here.
-$tmp = tempdir('nginx-keepalive-slice-demo-XXXXXX', DIR => '/tmp');
+my $tmp = scratch_dir('nginx-keepalive-slice-demo', 'DEMO_KEEP');
 chmod 0755, $tmp or die "chmod $tmp: $!\n";
 
 ###############################################################################
@@ -393,14 +377,14 @@ sub run_traffic ($inst) {
 			POSIX::_exit($ok ? 0 : 1);
 		}
 		push @pids, $pid;
-		$children{$pid} = "client $w";    # stopped too if we are interrupted
+		track($pid, "client $w");    # stopped too if we are interrupted
 	}
 
 	my $bad = 0;
 	for my $pid (@pids) {
 		waitpid($pid, 0);
 		$bad++ if $?;
-		delete $children{$pid};
+		untrack($pid);
 	}
 	die "$bad client workers failed\n" if $bad;
 
@@ -590,92 +574,11 @@ sub exchange ($s, $method, $host, $path, $body = undef) {
 }
 
 ###############################################################################
-# Processes and files.
-
-sub spawn ($name, $log, @cmd) {
-	my $pid = fork() // die "fork: $!\n";
-	if ($pid == 0) {
-		$SIG{INT} = $SIG{TERM} = 'DEFAULT';
-		# A process group of its own: Apache's prefork sends SIGTERM to its
-		# whole process group when it stops, which would otherwise be ours;
-		# and Ctrl-C then reaches only this script, which stops the servers.
-		POSIX::setpgid(0, 0);
-		open STDIN, '<', '/dev/null';
-		open STDOUT, '>>', $log;
-		open STDERR, '>&', \*STDOUT;
-		exec { $cmd[0] } @cmd or print STDERR "exec $cmd[0]: $!\n";
-		POSIX::_exit(127);
-	}
-	$children{$pid} = $name;
-	return $pid;
-}
-
-sub wait_port ($port, $name, @logs) {
-	for (1 .. 100) {
-		my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port",
-			Timeout => 1);
-		if ($s) {
-			close $s;
-			return;
-		}
-		for my $pid (keys %children) {
-			next unless waitpid($pid, POSIX::WNOHANG()) == $pid;
-			my $who = delete $children{$pid};
-			die "$who exited during startup:\n" . join '', map { tail($_) } @logs;
-		}
-		sleep 0.1;
-	}
-	die "$name does not listen on port $port:\n" . join '', map { tail($_) } @logs;
-}
-
-sub cleanup {
-	# A second Ctrl-C must not leave servers behind half-way.
-	local $SIG{INT} = local $SIG{TERM} = 'IGNORE';
-
-	# Only the processes we started, by pid.  nginx and Apache stop their
-	# own workers and children on TERM.
-	kill 'TERM', keys %children if %children;
-	my $deadline = time + 10;
-	while (%children && time < $deadline) {
-		for my $pid (keys %children) {
-			delete $children{$pid} if waitpid($pid, POSIX::WNOHANG()) != 0;
-		}
-		sleep 0.1 if %children;
-	}
-	if (%children) {
-		kill 'KILL', keys %children;
-		waitpid($_, 0) for keys %children;
-		%children = ();
-	}
-
-	return unless defined $tmp && -d $tmp;
-	if ($ENV{DEMO_KEEP}) {
-		print "kept: $tmp\n";
-	} else {
-		remove_tree($tmp);
-	}
-}
-
-# The kernel hands out free ports for port 0; all are held until the last
-# is chosen so that none is handed out twice.  The short window until the
-# servers bind them is acceptable here.
-sub free_ports ($n) {
-	my @s = map {
-		IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0,
-			Listen => 1, ReuseAddr => 1) or die "bind: $!\n"
-	} 1 .. $n;
-	return map { $_->sockport } @s;
-}
+# Sockets and files.
 
 sub connect_port ($port) {
 	return IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port",
 		Timeout => $TIMEOUT);
-}
-
-sub write_file ($file, $content) {
-	open my $fh, '>', $file or die "open $file: $!\n";
-	print $fh $content;
-	close $fh or die "close $file: $!\n";
 }
 
 sub mkpath_world ($dir) {
@@ -685,11 +588,4 @@ sub mkpath_world ($dir) {
 		mkdir "$tmp$path" or $!{EEXIST} or die "mkdir $tmp$path: $!\n";
 		chmod 0755, "$tmp$path";
 	}
-}
-
-sub tail ($file) {
-	open my $fh, '<', $file or return '';
-	my @lines = <$fh>;
-	splice @lines, 0, @lines - 20 if @lines > 20;
-	return join '', "--- $file\n", @lines;
 }

@@ -16,8 +16,10 @@ use Test::More;
 use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
-use Test::Nginx qw/ :DEFAULT http_start http_end /;
-use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
+use Test::Nginx;
+use Test::Nginx::Backend qw/ http_backend conn_of req_of backend_log_count
+	backend_log_wait backend_log_lines /;
+use Test::Nginx::Keepalive qw/ parallel_get status_of /;
 
 ###############################################################################
 
@@ -131,7 +133,8 @@ $t->plan(21);
 
 my @r = map { http_get('/basic/') } 1 .. 3;
 
-is(join(' ', map { status($_) } @r), '200 200 200', 'basic: all 200');
+is(join(' ', map { status_of($_) // 'none' } @r), '200 200 200',
+	'basic: all 200');
 is(join(' ', map { conn_of($_) // 'none' } @r), '1 1 1',
 	'basic: one connection for sequential requests');
 is(join(' ', map { req_of($_) // 'none' } @r), '1 2 3',
@@ -141,12 +144,12 @@ is(join(' ', map { req_of($_) // 'none' } @r), '1 2 3',
 # them, the other opens a second one; afterwards both are idle and both
 # are reused by the next two simultaneous requests
 
-my @pair = parallel('/basic/sleep/300', '/basic/sleep/300');
+my @pair = parallel_get('localhost', '/basic/sleep/300', '/basic/sleep/300');
 
 is(join(' ', sort map { conn_of($_) // 'none' } @pair), '1 2',
 	'basic: simultaneous requests use two connections');
 
-@pair = parallel('/basic/sleep/300', '/basic/sleep/300');
+@pair = parallel_get('localhost', '/basic/sleep/300', '/basic/sleep/300');
 
 is(join(' ', sort map { conn_of($_) // 'none' } @pair), '1 2',
 	'basic: both idle connections reused');
@@ -159,7 +162,8 @@ is(backend_log_count("$d/basic.log", qr/^close /), 0,
 # the other (the backend answers after 200, 500 and 800 ms); storing the
 # third evicts the least recently used one, the 200 ms one
 
-my @lru = parallel('/lru/sleep/200', '/lru/sleep/500', '/lru/sleep/800');
+my @lru = parallel_get('localhost',
+	'/lru/sleep/200', '/lru/sleep/500', '/lru/sleep/800');
 my ($c200, $c500, $c800) = map { conn_of($_) // 'none' } @lru;
 
 is(join(' ', sort($c200, $c500, $c800)), '1 2 3',
@@ -167,11 +171,11 @@ is(join(' ', sort($c200, $c500, $c800)), '1 2 3',
 
 backend_log_wait("$d/lru.log", qr/^close /, 1);
 
-is(join(',', grep { /^close / } log_lines("$d/lru.log")),
+is(join(',', grep { /^close / } backend_log_lines("$d/lru.log")),
 	"close conn=$c200 reason=eof",
 	'lru: least recently used connection closed');
 
-@pair = parallel('/lru/sleep/300', '/lru/sleep/300');
+@pair = parallel_get('localhost', '/lru/sleep/300', '/lru/sleep/300');
 
 is(join(' ', sort map { conn_of($_) // 'none' } @pair),
 	join(' ', sort($c500, $c800)),
@@ -206,7 +210,8 @@ skip 'keepalive_slice module not loaded', 3 unless $module;
 
 @r = map { http_get('/zero/') } 1 .. 3;
 
-is(join(' ', map { status($_) } @r), '200 200 200', 'keepalive 0: all 200');
+is(join(' ', map { status_of($_) // 'none' } @r), '200 200 200',
+	'keepalive 0: all 200');
 is(join(' ', map { conn_of($_) // 'none' } @r), '1 2 3',
 	'keepalive 0: new connection for each request');
 is(backend_log_wait("$d/zero.log", qr/^close conn=\d+ reason=eof/, 3), 3,
@@ -231,37 +236,6 @@ like($log, qr/keepalive slice: evicting connection/,
 unlike($log, qr/get keepalive peer/, 'module: stock get peer not called');
 unlike($log, qr/free keepalive peer/, 'module: stock free peer not called');
 
-}
-
-###############################################################################
-
-sub status {
-	my ($r) = @_;
-	return 'none' unless defined $r;
-	return $r =~ m!^HTTP/1\.\d (\d+)! ? $1 : 'none';
-}
-
-sub req_of {
-	my ($r) = @_;
-	return undef unless defined $r;
-	my ($head) = split /\r?\n\r?\n/, $r, 2;
-	return $head =~ /^X-Request:\s*(\d+)/mi ? $1 : undef;
-}
-
-# requests sent at the same time, responses in the order of the URIs
-
-sub parallel {
-	my @s = map { http_start("GET $_ HTTP/1.0\r\nHost: localhost\r\n\r\n") }
-		@_;
-	return map { defined $_ ? http_end($_) : undef } @s;
-}
-
-sub log_lines {
-	my ($path) = @_;
-	open my $fh, '<', $path or return ();
-	chomp(my @lines = <$fh>);
-	close $fh;
-	return @lines;
 }
 
 ###############################################################################

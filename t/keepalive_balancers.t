@@ -15,7 +15,7 @@ use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
 use Test::Nginx;
-use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count /;
+use Test::Nginx::Backend qw/ http_backend conn_of req_of backend_log_count /;
 
 ###############################################################################
 
@@ -216,13 +216,6 @@ is(join(' ', sort keys %seen), '8089 8090', 'random: both servers used');
 is(requests(8089) + requests(8090), 20, 'random: all requests seen');
 
 ###############################################################################
-
-sub req_of {
-	my ($r) = @_;
-	return undef unless defined $r;
-	my ($head) = split /\r?\n\r?\n/, $r, 2;
-	return $head =~ /^X-Request:\s*(\d+)/mi ? $1 : undef;
-}
 
 # the logical port (8081...) of the backend that answered
 

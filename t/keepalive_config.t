@@ -20,6 +20,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }
 
 use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count /;
+use Test::Nginx::Keepalive qw/ nginx_test_config /;
 
 ###############################################################################
 
@@ -81,28 +82,16 @@ http {
 EOF
 }
 
-# Runs "nginx -t" on the configuration; returns the exit status and what
-# nginx printed.
+# Runs "nginx -t" on the configuration, written to a file of its own;
+# returns the exit status and what nginx printed.  nginx logs into the
+# test's error.log, which Test::Nginx checks for alerts at the end.
 
 my $n = 0;
 
 sub test_conf {
 	my ($conf) = @_;
-
-	my $d = $t->testdir();
-	my $name = 'test' . ++$n . '.conf';
-
-	$t->write_file_expand($name, $conf);
-
-	my $out = `\Q$Test::Nginx::NGINX\E -t -p $d/ -c $name -e error.log 2>&1`;
-	my $status = $? >> 8;
-
-	# "nginx -t" writes the pid file, which would make run() below
-	# believe that nginx has already started
-
-	unlink "$d/nginx.pid";
-
-	return ($status, $out);
+	return nginx_test_config($t, 'test' . ++$n . '.conf', $conf,
+		'error.log');
 }
 
 # "nginx -t" must fail, with the [emerg] line matching $re.

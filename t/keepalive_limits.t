@@ -21,7 +21,8 @@ use IO::Socket::INET;
 use Time::HiRes qw/ time sleep /;
 
 use Test::Nginx;
-use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
+use Test::Nginx::Backend qw/ http_backend conn_of req_of backend_log_count
+	backend_log_wait /;
 
 ###############################################################################
 
@@ -279,13 +280,6 @@ is(join("\n", $t->read_file('defaults.error.log')
 	'defaults: no alerts in the location error log');
 
 ###############################################################################
-
-sub req_of {
-	my ($r) = @_;
-	return undef unless defined $r;
-	my ($head) = split /\r?\n\r?\n/, $r, 2;
-	return $head =~ /^X-Request:\s*(\d+)/mi ? $1 : undef;
-}
 
 sub count_responses {
 	my ($r) = @_;

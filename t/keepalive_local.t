@@ -15,7 +15,8 @@ use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
 use Test::Nginx;
-use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count /;
+use Test::Nginx::Backend qw/ http_backend conn_of req_of backend_log_count /;
+use Test::Nginx::Keepalive qw/ status_of /;
 
 ###############################################################################
 
@@ -95,7 +96,8 @@ $t->plan(8);
 
 my @r = map { http_get($_) } qw{ /a/ /b/ /a/ /b/ /a/ };
 
-is(join(' ', map { status($_) } @r), '200 200 200 200 200', 'local: all 200');
+is(join(' ', map { status_of($_) // 'none' } @r), '200 200 200 200 200',
+	'local: all 200');
 is(join(' ', map { conn_of($_) // 'none' } @r), '1 2 1 2 1',
 	'local: one connection per location');
 is(join(' ', map { req_of($_) // 'none' } @r), '1 1 2 2 3',
@@ -115,20 +117,5 @@ is(join(' ', map { req_of($_) // 'none' } @r), '1 2 3 4',
 	'shared: request counters');
 is(backend_log_count("$d/shared.log", qr/^accept /), 1,
 	'shared: one connection opened');
-
-###############################################################################
-
-sub status {
-	my ($r) = @_;
-	return 'none' unless defined $r;
-	return $r =~ m!^HTTP/1\.\d (\d+)! ? $1 : 'none';
-}
-
-sub req_of {
-	my ($r) = @_;
-	return undef unless defined $r;
-	my ($head) = split /\r?\n\r?\n/, $r, 2;
-	return $head =~ /^X-Request:\s*(\d+)/mi ? $1 : undef;
-}
 
 ###############################################################################

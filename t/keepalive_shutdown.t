@@ -18,7 +18,8 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's
 use Time::HiRes qw/ time /;
 
 use Test::Nginx qw/ :DEFAULT http_start http_end /;
-use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
+use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count
+	backend_log_wait backend_log_lines /;
 
 ###############################################################################
 
@@ -83,7 +84,7 @@ like($r, qr/^HTTP\/1.1 200 /, 'short request');
 
 backend_log_wait($log, qr{uri=/sleep/2000$}, 1);
 my ($busy) = map { /^request conn=(\d+) / ? $1 : () }
-	grep { m{uri=/sleep/2000$} } log_lines($log);
+	grep { m{uri=/sleep/2000$} } backend_log_lines($log);
 $busy //= 'none';
 
 isnt($busy, $idle, 'long request on another connection');
@@ -108,7 +109,7 @@ ok($elapsed < 10, 'nginx exited without waiting for keepalive_timeout')
 
 backend_log_wait($log, qr/^close /, 2);
 
-is(join(',', grep { /^close / } log_lines($log)),
+is(join(',', grep { /^close / } backend_log_lines($log)),
 	"close conn=$idle reason=eof,close conn=$busy reason=eof",
 	'idle connection closed first, then the one in use, by nginx');
 
@@ -123,16 +124,6 @@ like($e, qr/free keepalive slice peer: not saving: exiting/,
 like($e, qr/gracefully shutting down(?:.*\n)*?.*keepalive slice close handler/,
 	'module: idle connection closed by the close handler at shutdown');
 
-}
-
-###############################################################################
-
-sub log_lines {
-	my ($path) = @_;
-	open my $fh, '<', $path or return ();
-	chomp(my @lines = <$fh>);
-	close $fh;
-	return @lines;
 }
 
 ###############################################################################

@@ -18,6 +18,7 @@ use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 
 use Test::Nginx;
+use Test::Nginx::Keepalive qw/ header_of /;
 
 ###############################################################################
 
@@ -111,13 +112,6 @@ my $ours = ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
 
 ###############################################################################
 
-sub hdr {
-	my ($r, $name) = @_;
-	return undef unless defined $r;
-	my ($head) = split /\r\n\r\n/, $r, 2;
-	return $head =~ /^\Q$name\E: (\S+)\r?$/mi ? $1 : undef;
-}
-
 # keepalive_requests 2: two requests on the first connection, which is
 # then closed; the next connection resumes the session
 
@@ -127,23 +121,25 @@ my $r3 = http_get('/3');
 my $r4 = http_get('/4');
 
 like($r1, qr/200 OK.*backend \/1$/s, 'first request');
-is(hdr($r1, 'X-Reused'), '.', 'first connection: new session');
+is(header_of($r1, 'X-Reused'), '.', 'first connection: new session');
 
-is(hdr($r2, 'X-Conn'), hdr($r1, 'X-Conn'), 'second request: reused');
-is(hdr($r2, 'X-Requests'), 2, 'second request: 2nd on the connection');
+is(header_of($r2, 'X-Conn'), header_of($r1, 'X-Conn'),
+	'second request: reused');
+is(header_of($r2, 'X-Requests'), 2, 'second request: 2nd on the connection');
 
-isnt(hdr($r3, 'X-Conn'), hdr($r1, 'X-Conn'),
+isnt(header_of($r3, 'X-Conn'), header_of($r1, 'X-Conn'),
 	'keepalive_requests: new connection');
-is(hdr($r3, 'X-Requests'), 1, 'new connection: 1st request');
-is(hdr($r3, 'X-Reused'), 'r', 'new connection: session resumed');
+is(header_of($r3, 'X-Requests'), 1, 'new connection: 1st request');
+is(header_of($r3, 'X-Reused'), 'r', 'new connection: session resumed');
 
-is(hdr($r4, 'X-Conn'), hdr($r3, 'X-Conn'), 'resumed connection reused');
+is(header_of($r4, 'X-Conn'), header_of($r3, 'X-Conn'),
+	'resumed connection reused');
 like($r4, qr/200 OK.*backend \/4$/s, 'resumed connection: response');
 
 # and a third connection, left idle until nginx exits
 
 my $r5 = http_get('/5');
-is(hdr($r5, 'X-Reused'), 'r', 'third connection: session resumed');
+is(header_of($r5, 'X-Reused'), 'r', 'third connection: session resumed');
 
 # keepalive_timeout: the idle SSL connection is closed by nginx after 1s,
 # the next request resumes the session on a new connection
@@ -151,13 +147,14 @@ is(hdr($r5, 'X-Reused'), 'r', 'third connection: session resumed');
 my $t1 = http_get('/timeout/1');
 my $t2 = http_get('/timeout/2');
 
-is(hdr($t2, 'X-Conn'), hdr($t1, 'X-Conn'), 'timeout: reused before timeout');
+is(header_of($t2, 'X-Conn'), header_of($t1, 'X-Conn'),
+	'timeout: reused before timeout');
 
 select undef, undef, undef, 1.5;
 
 # the backend server (same error.log) saw nginx close the idle connection
 
-my $c1 = hdr($t1, 'X-Conn') // 'none';
+my $c1 = header_of($t1, 'X-Conn') // 'none';
 like($t->read_file('error.log'),
 	qr/\*$c1 client 127.0.0.1 closed keepalive connection/,
 	'timeout: idle connection closed by nginx');
@@ -165,8 +162,9 @@ like($t->read_file('error.log'),
 my $t3 = http_get('/timeout/3');
 
 like($t3, qr/200 OK.*backend \/timeout\/3$/s, 'timeout: request after idle');
-isnt(hdr($t3, 'X-Conn'), hdr($t1, 'X-Conn'), 'timeout: new connection');
-is(hdr($t3, 'X-Reused'), 'r', 'timeout: session resumed');
+isnt(header_of($t3, 'X-Conn'), header_of($t1, 'X-Conn'),
+	'timeout: new connection');
+is(header_of($t3, 'X-Reused'), 'r', 'timeout: session resumed');
 
 # only our module logs these
 

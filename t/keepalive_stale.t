@@ -20,6 +20,7 @@ use Time::HiRes qw/ sleep /;
 
 use Test::Nginx;
 use Test::Nginx::Backend qw/ conn_of backend_log_count backend_log_wait /;
+use Test::Nginx::Keepalive qw/ header_of /;
 
 ###############################################################################
 
@@ -96,25 +97,19 @@ my $ours = ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
 
 ###############################################################################
 
-sub hdr {
-	my ($r, $name) = @_;
-	return undef unless defined $r;
-	my ($head) = split /\r\n\r\n/, $r, 2;
-	return $head =~ /^\Q$name\E: (\S+)\r?$/mi ? $1 : undef;
-}
-
 # (a) the backend closes the idle connection (keepalive_timeout 1s on the
 # backend server, nginx's upstream keepalive_timeout is the default 60s)
 
 my $r1 = http_get('/closing/1');
 my $r2 = http_get('/closing/2');
 
-is(hdr($r2, 'X-Conn'), hdr($r1, 'X-Conn'), 'closing: reused while open');
-is(hdr($r2, 'X-Requests'), 2, 'closing: second request on it');
+is(header_of($r2, 'X-Conn'), header_of($r1, 'X-Conn'),
+	'closing: reused while open');
+is(header_of($r2, 'X-Requests'), 2, 'closing: second request on it');
 
 # the backend server (same error.log) closes it after 1s
 
-my $c1 = hdr($r1, 'X-Conn') // 'none';
+my $c1 = header_of($r1, 'X-Conn') // 'none';
 
 sleep 1.5;
 
@@ -134,8 +129,8 @@ is(() = $t->read_file('error.log') =~ /keepalive slice close handler/g, 1,
 my $r3 = http_get('/closing/3');
 
 like($r3, qr/200 OK.*backend \/closing\/3$/s, 'closing: next request 200');
-isnt(hdr($r3, 'X-Conn'), $c1, 'closing: new connection');
-is(hdr($r3, 'X-Requests'), 1, 'closing: first request on it');
+isnt(header_of($r3, 'X-Conn'), $c1, 'closing: new connection');
+is(header_of($r3, 'X-Requests'), 1, 'closing: first request on it');
 
 # nginx did not try the closed connection first (it would have to retry
 # after "upstream prematurely closed connection" or a failed send)

@@ -14,8 +14,10 @@ use Test::More;
 use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
-use Test::Nginx qw/ :DEFAULT http_start http_end /;
+use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
+use Test::Nginx::Keepalive qw/ http_get_host http_post_host parallel_get
+	status_of header_of errlog_delta /;
 
 ###############################################################################
 
@@ -156,41 +158,6 @@ $t->plan(49);
 
 ###############################################################################
 
-sub get {
-	my ($host, $uri, %extra) = @_;
-	return http("GET $uri HTTP/1.0\r\nHost: $host\r\n\r\n", %extra);
-}
-
-sub post {
-	my ($host, $uri, $body) = @_;
-	return http("POST $uri HTTP/1.0\r\nHost: $host\r\n"
-		. 'Content-Length: ' . length($body) . "\r\n\r\n" . $body);
-}
-
-sub header {
-	my ($r, $name) = @_;
-	return undef unless defined $r;
-	my ($head) = split /\r?\n\r?\n/, $r, 2;
-	return $head =~ /^\Q$name\E:[ \t]*(\S*)/mi ? $1 : undef;
-}
-
-sub status {
-	my ($r) = @_;
-	return defined $r && $r =~ m{^HTTP/1\.\d (\d{3})} ? $1 : 0;
-}
-
-# Starts several requests at once, then collects their responses: each
-# one needs its own upstream connection while the others are in flight.
-sub parallel {
-	my @req = @_;
-	my @s = map { http_start($_) } @req;
-	return map { http_end($_) } @s;
-}
-
-sub errlog {
-	return $t->read_file('error.log');
-}
-
 # Sends requests for the hosts in @order to $prefix and checks that the
 # connection numbers map one-to-one to hosts: a connection is only ever
 # used for the host that opened it, and (requests being sequential) each
@@ -202,15 +169,15 @@ sub one_to_one {
 	my (%conn2host, %host2conn, @bad);
 
 	for my $host (@order) {
-		my $r = get($host, "$prefix/x");
+		my $r = http_get_host($host, "$prefix/x");
 		my $c = conn_of($r);
 
-		if (status($r) != 200 || !defined $c) {
+		if ((status_of($r) // 0) != 200 || !defined $c) {
 			push @bad, "$host: no response";
 			next;
 		}
 
-		my $seen = header($r, 'X-Host');
+		my $seen = header_of($r, 'X-Host');
 		push @bad, "$host: backend saw $seen" if $seen ne $host;
 
 		$conn2host{$c}{$host}++;
@@ -238,10 +205,10 @@ my @two = (('a.example', 'b.example') x 6);
 is(one_to_one('/host', @two), '', 'two hosts: one connection each');
 is(backend_log_count("$d/b8081.log", qr/^accept /), 2,
 	'two hosts: two connections opened');
-like(get('a.example', '/host/x'), qr/^X-Request: 7\r?$/m,
+like(http_get_host('a.example', '/host/x'), qr/^X-Request: 7\r?$/m,
 	'two hosts: seventh request on the same connection');
 
-like(errlog(), qr/keepalive slice key: "b\.example"/,
+like($t->read_file('error.log'), qr/keepalive slice key: "b\.example"/,
 	'slice key logged');
 
 # three hosts
@@ -265,19 +232,20 @@ sub mixed {
 		my $r;
 
 		if ($i % 2) {
-			$r = post($host, "$prefix/x", 'body-' x ($i + 1));
-			$post_status{status($r)}++;
+			$r = http_post_host($host, "$prefix/x",
+				'body-' x ($i + 1));
+			$post_status{status_of($r) // 0}++;
 		} else {
-			$r = get($host, "$prefix/x");
+			$r = http_get_host($host, "$prefix/x");
 		}
 
-		push @status, status($r);
+		push @status, status_of($r) // 0;
 	}
 
 	return (\@status, \%post_status);
 }
 
-my $log_before = length(errlog());
+my $log_before = length($t->read_file('error.log'));
 my ($st) = mixed('/bind', 30);
 
 is(scalar(grep { $_ != 200 } @$st), 0, 'vhost bind sliced: all 200');
@@ -287,17 +255,17 @@ is(backend_log_count("$d/b8082.log", qr/^accept /), 3,
 	'vhost bind sliced: one connection per host');
 is(backend_log_count("$d/b8082.log", qr/^request /), 30,
 	'vhost bind sliced: all requests reached the backend');
-unlike(substr(errlog(), $log_before),
+unlike(substr($t->read_file('error.log'), $log_before),
 	qr/upstream prematurely closed|recv\(\) failed|\[error\]/,
 	'vhost bind sliced: no upstream errors');
 
 # the same traffic without slicing: connections go to the wrong host
 
-$log_before = length(errlog());
+$log_before = length($t->read_file('error.log'));
 my ($pst, $ppost) = mixed('/plain', 30);
 
 ok(($ppost->{502} || 0) > 0, 'vhost bind plain: POST gets 502');
-like(substr(errlog(), $log_before),
+like(substr($t->read_file('error.log'), $log_before),
 	qr/upstream prematurely closed|recv\(\) failed|writev\(\) failed/,
 	'vhost bind plain: upstream error logged');
 ok(backend_log_count("$d/b8083.log", qr/reset-vhost/) > 0,
@@ -305,12 +273,12 @@ ok(backend_log_count("$d/b8083.log", qr/reset-vhost/) > 0,
 
 # slice_conn=1: two requests at once for one host, only one connection kept
 
-my @r = parallel(map { "GET /conn1/sleep/300 HTTP/1.0\r\n"
-	. "Host: a.example\r\n\r\n" } 1 .. 2);
+my @r = parallel_get('a.example', ('/conn1/sleep/300') x 2);
 my @first = sort map { conn_of($_) // 0 } @r;
 is("@first", '1 2', 'slice_conn=1: two connections in parallel');
 
-like(errlog(), qr/\[info\].*keepalive: connection not kept, bucket for key "a\.example" is full \(1 idle connections\)/,
+like($t->read_file('error.log'),
+	qr/\[info\].*keepalive: connection not kept, bucket for key "a\.example" is full \(1 idle connections\)/,
 	'slice_conn=1: bucket full logged');
 is(backend_log_wait("$d/b8084.log", qr/^close /, 1), 1,
 	'slice_conn=1: one connection closed');
@@ -319,16 +287,16 @@ my ($closed) = grep { backend_log_count("$d/b8084.log",
 	qr/^close conn=$_ reason=eof$/) } (1, 2);
 my $kept = defined $closed ? 3 - $closed : 0;
 
-@r = parallel(map { "GET /conn1/sleep/300 HTTP/1.0\r\n"
-	. "Host: a.example\r\n\r\n" } 1 .. 2);
+@r = parallel_get('a.example', ('/conn1/sleep/300') x 2);
 my @second = sort map { conn_of($_) // 0 } @r;
 is("@second", "$kept 3", 'slice_conn=1: one reused, one new');
 
 # slice_conn=0: nothing kept
 
-my @c0 = map { conn_of(get('a.example', '/conn0/x')) // 0 } 1 .. 3;
+my @c0 = map { conn_of(http_get_host('a.example', '/conn0/x')) // 0 } 1 .. 3;
 is("@c0", '1 2 3', 'slice_conn=0: never reused');
-like(errlog(), qr/\[info\].*keepalive: connection not kept, bucket limit for key "a\.example" is 0/,
+like($t->read_file('error.log'),
+	qr/\[info\].*keepalive: connection not kept, bucket limit for key "a\.example" is 0/,
 	'slice_conn=0: logged');
 is(backend_log_wait("$d/b8085.log", qr/^close /, 3), 3,
 	'slice_conn=0: all closed');
@@ -338,9 +306,9 @@ is(backend_log_wait("$d/b8085.log", qr/^close /, 3), 3,
 my (@mismatch, %pair_conns, %ports);
 
 for (1 .. 10) {
-	my $r = get('a.example', '/pair/x');
-	my $port = header($r, 'X-Port') // 'none';
-	my $ua = header($r, 'X-Upstream-Addr') // 'none';
+	my $r = http_get_host('a.example', '/pair/x');
+	my $port = header_of($r, 'X-Port') // 'none';
+	my $ua = header_of($r, 'X-Upstream-Addr') // 'none';
 	push @mismatch, "$port via $ua" unless $ua eq "127.0.0.1:$port";
 	$pair_conns{$port}{conn_of($r) // 0}++;
 	$ports{$port}++;
@@ -356,37 +324,37 @@ is(join(' ', map { scalar keys %{$pair_conns{port($_)}} } 8086, 8087),
 
 # local: same host in two locations gets two connections
 
-my @loc = map { conn_of(get('a.example', $_)) // 0 }
+my @loc = map { conn_of(http_get_host('a.example', $_)) // 0 }
 	('/l1/x', '/l2/x', '/l1/x', '/l2/x', '/l1/x');
 isnt($loc[0], $loc[1], 'local: locations do not share');
 is($loc[2], $loc[0], 'local: first location reuses');
 is($loc[3], $loc[1], 'local: second location reuses');
 is($loc[4], $loc[0], 'local: first location reuses again');
-my $lb = conn_of(get('b.example', '/l1/x')) // 0;
+my $lb = conn_of(http_get_host('b.example', '/l1/x')) // 0;
 ok($lb != $loc[0] && $lb != $loc[1], 'local: other host, new connection');
 
 # key with variables and text: $host:$server_port
 
-my $k1 = conn_of(get('a.example', '/key/x')) // 0;
-my $k2 = conn_of(get('a.example', '/key/x', PeerAddr => '127.0.0.1:'
-	. port(8091))) // 0;
-my $k3 = conn_of(get('a.example', '/key/x')) // 0;
-my $k4 = conn_of(get('a.example', '/key/x', PeerAddr => '127.0.0.1:'
-	. port(8091))) // 0;
+my $k1 = conn_of(http_get_host('a.example', '/key/x')) // 0;
+my $k2 = conn_of(http_get_host('a.example', '/key/x',
+	PeerAddr => '127.0.0.1:' . port(8091))) // 0;
+my $k3 = conn_of(http_get_host('a.example', '/key/x')) // 0;
+my $k4 = conn_of(http_get_host('a.example', '/key/x',
+	PeerAddr => '127.0.0.1:' . port(8091))) // 0;
 
 isnt($k1, $k2, 'key host:port: other port, other connection');
 is($k3, $k1, 'key host:port: first port reuses');
 is($k4, $k2, 'key host:port: second port reuses');
 my $p8091 = port(8091);
-like(errlog(), qr/keepalive slice key: "a\.example:$p8091"/,
+like($t->read_file('error.log'), qr/keepalive slice key: "a\.example:$p8091"/,
 	'key host:port: evaluated');
 
 # key from a header, not the host
 
 sub tenant {
 	my ($host, $tenant) = @_;
-	return conn_of(http("GET /tenant/x HTTP/1.0\r\nHost: $host\r\n"
-		. "X-Tenant: $tenant\r\n\r\n")) // 0;
+	return conn_of(http_get_host($host, '/tenant/x',
+		headers => [ "X-Tenant: $tenant" ])) // 0;
 }
 
 my $t1 = tenant('a.example', 'one');
@@ -397,7 +365,8 @@ my $t4 = tenant('b.example', 'two');
 is($t2, $t1, 'key tenant: same tenant, other host, reused');
 isnt($t3, $t1, 'key tenant: other tenant, other connection');
 is($t4, $t3, 'key tenant: second tenant reused');
-like(errlog(), qr/keepalive slice key: "tenant-two"/, 'key tenant: evaluated');
+like($t->read_file('error.log'), qr/keepalive slice key: "tenant-two"/,
+	'key tenant: evaluated');
 
 # buffered and unbuffered responses
 
@@ -405,9 +374,11 @@ for my $loc ('buf', 'unbuf') {
 	my (%map, @bad);
 
 	for my $host (('a.example', 'b.example') x 3) {
-		my $r = get($host, "/$loc/big/100000");
-		push @bad, "$host: " . status($r)
-			unless status($r) == 200 && $r =~ /\r?\n\r?\n(x+)\z/ && length($1) == 100000;
+		my $r = http_get_host($host, "/$loc/big/100000");
+		push @bad, "$host: " . (status_of($r) // 0)
+			unless (status_of($r) // 0) == 200
+				&& $r =~ /\r?\n\r?\n(x+)\z/
+				&& length($1) == 100000;
 		$map{$host}{conn_of($r) // 0}++;
 	}
 
@@ -426,27 +397,29 @@ is(backend_log_count("$d/b8092.log", qr/^accept /), 2,
 
 # global limit across buckets: keepalive 2, three hosts, LRU eviction
 
-my $la = conn_of(get('a.example', '/lru/x')) // 0;
-my $lb2 = conn_of(get('b.example', '/lru/x')) // 0;
+my $la = conn_of(http_get_host('a.example', '/lru/x')) // 0;
+my $lb2 = conn_of(http_get_host('b.example', '/lru/x')) // 0;
 
-my $evict_before = () = errlog() =~ /keepalive slice: evicting connection/g;
-my $lc = conn_of(get('c.example', '/lru/x')) // 0;
-my $evict_after = () = errlog() =~ /keepalive slice: evicting connection/g;
+my $lc;
+my $evicted = errlog_delta($t, qr/keepalive slice: evicting connection/,
+	sub { $lc = conn_of(http_get_host('c.example', '/lru/x')) // 0 });
 
 is("$la $lb2 $lc", '1 2 3', 'lru: three connections');
-is($evict_after - $evict_before, 1, 'lru: eviction logged');
+is($evicted, 1, 'lru: eviction logged');
 is(backend_log_wait("$d/b8093.log", qr/^close conn=1 /, 1), 1,
 	'lru: oldest (a) closed');
 
-is(conn_of(get('b.example', '/lru/x')), 2, 'lru: b reuses');
-is(conn_of(get('c.example', '/lru/x')), 3, 'lru: c reuses');
-is(conn_of(get('a.example', '/lru/x')), 4, 'lru: evicted a opens new');
+is(conn_of(http_get_host('b.example', '/lru/x')), 2, 'lru: b reuses');
+is(conn_of(http_get_host('c.example', '/lru/x')), 3, 'lru: c reuses');
+is(conn_of(http_get_host('a.example', '/lru/x')), 4,
+	'lru: evicted a opens new');
 
 # a's connection evicted b's (now the least recently used)
 
 is(backend_log_wait("$d/b8093.log", qr/^close conn=2 /, 1), 1,
 	'lru: then b evicted');
-is(conn_of(get('c.example', '/lru/x')), 3, 'lru: c still reuses');
-is(conn_of(get('a.example', '/lru/x')), 4, 'lru: a reuses its new one');
+is(conn_of(http_get_host('c.example', '/lru/x')), 3, 'lru: c still reuses');
+is(conn_of(http_get_host('a.example', '/lru/x')), 4,
+	'lru: a reuses its new one');
 
 ###############################################################################

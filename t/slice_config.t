@@ -15,6 +15,7 @@ use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
 use Test::Nginx;
+use Test::Nginx::Keepalive qw/ nginx_test_config /;
 
 ###############################################################################
 
@@ -59,21 +60,18 @@ http {
 
 EOF
 
-my $binary = $ENV{TEST_NGINX_BINARY} || '../nginx/objs/nginx';
-my $d = $t->testdir();
 my $n = 0;
 
 # Writes a config with the given keepalive line, runs "nginx -t" on it and
-# returns its exit status and everything it printed.
+# returns its exit status and everything it printed, followed by what it
+# logged (each check has its own error log).
 sub check {
 	my ($keepalive) = @_;
 
 	(my $c = $conf) =~ s/%%KEEPALIVE%%/$keepalive/;
 	my $name = 'check' . ++$n;
-	$t->write_file_expand("$name.conf", $c);
 
-	my $out = `$binary -t -p $d/ -c $name.conf -e $name.log 2>&1`;
-	my $rc = $? >> 8;
+	my ($rc, $out) = nginx_test_config($t, "$name.conf", $c, "$name.log");
 	$out .= eval { $t->read_file("$name.log") } // '';
 
 	return ($rc, $out);

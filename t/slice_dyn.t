@@ -14,8 +14,10 @@ use Test::More;
 use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
-use Test::Nginx qw/ :DEFAULT http_start http_end /;
+use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
+use Test::Nginx::Keepalive qw/ http_get_host parallel_get status_of
+	errlog_delta /;
 
 ###############################################################################
 
@@ -90,36 +92,12 @@ $t->plan(30);
 
 ###############################################################################
 
-sub get {
-	my ($host, $uri, @headers) = @_;
-	return http("GET $uri HTTP/1.0\r\nHost: $host\r\n"
-		. join('', map { "$_\r\n" } @headers) . "\r\n");
-}
-
-sub status {
-	my ($r) = @_;
-	return defined $r && $r =~ m{^HTTP/1\.\d (\d{3})} ? $1 : 0;
-}
-
-sub parallel {
+# The connections of $n requests for $host and $uri sent at once, in
+# ascending order.
+sub parallel_conns {
 	my ($host, $uri, $n) = @_;
-	my @s = map { http_start("GET $uri HTTP/1.0\r\nHost: $host\r\n\r\n") }
-		1 .. $n;
-	return sort { $a <=> $b } map { conn_of(http_end($_)) // 0 } @s;
-}
-
-# Number of error.log lines matching $re.
-sub logged {
-	my ($re) = @_;
-	return scalar(() = $t->read_file('error.log') =~ /$re/gm);
-}
-
-# Runs $code and returns how many more error.log lines match $re after it.
-sub delta {
-	my ($re, $code) = @_;
-	my $before = logged($re);
-	$code->();
-	return logged($re) - $before;
+	return sort { $a <=> $b }
+		map { conn_of($_) // 0 } parallel_get($host, ($uri) x $n);
 }
 
 my $full2 = qr/\[info\].*keepalive: connection not kept, bucket for key "a\.allow\.com" is full \(2 idle connections\)/;
@@ -129,17 +107,20 @@ my $zero = qr/\[info\].*keepalive: connection not kept, bucket limit for key "ot
 
 # limit 2 from the map: reused
 
-my @seq = map { conn_of(get('a.allow.com', '/dyn/x')) // 0 } 1 .. 3;
+my @seq = map { conn_of(http_get_host('a.allow.com', '/dyn/x')) // 0 }
+	1 .. 3;
 is("@seq", '1 1 1', 'dyn 2: sequential requests reuse');
 
 my @par;
-my $n = delta($full2, sub { @par = parallel('a.allow.com', '/dyn/sleep/300', 3) });
+my $n = errlog_delta($t, $full2, sub {
+	@par = parallel_conns('a.allow.com', '/dyn/sleep/300', 3)
+});
 is("@par", '1 2 3', 'dyn 2: three in parallel');
 is($n, 1, 'dyn 2: third connection not kept, limit 2 logged');
 is(backend_log_wait("$d/b8081.log", qr/^close /, 1), 1,
 	'dyn 2: one connection closed');
 
-my @again = parallel('a.allow.com', '/dyn/sleep/100', 2);
+my @again = parallel_conns('a.allow.com', '/dyn/sleep/100', 2);
 is(backend_log_count("$d/b8081.log", qr/^accept /), 3,
 	'dyn 2: two kept connections reused in parallel');
 ok(!grep({ backend_log_count("$d/b8081.log", qr/^close conn=$_ /) } @again),
@@ -148,8 +129,9 @@ ok(!grep({ backend_log_count("$d/b8081.log", qr/^close conn=$_ /) } @again),
 # the default, 0: never kept
 
 my @zero;
-$n = delta($zero, sub {
-	@zero = map { conn_of(get('other.com', '/dyn/x')) // 0 } 1 .. 2
+$n = errlog_delta($t, $zero, sub {
+	@zero = map { conn_of(http_get_host('other.com', '/dyn/x')) // 0 }
+		1 .. 2
 });
 is("@zero", '4 5', 'dyn 0: not reused');
 is($n, 2, 'dyn 0: logged for each');
@@ -158,8 +140,11 @@ is($n, 2, 'dyn 0: logged for each');
 
 my $warn_abc = qr/\[warn\].*keepalive: "slice_dyn" variable "\$conn" is "abc", not a number, connection not kept/;
 my @bad;
-$n = delta($warn_abc, sub { @bad = map { get('x.bad.com', '/dyn/x') } 1 .. 2 });
-is(join(' ', map { status($_) } @bad), '200 200', 'dyn abc: requests 200');
+$n = errlog_delta($t, $warn_abc, sub {
+	@bad = map { http_get_host('x.bad.com', '/dyn/x') } 1 .. 2
+});
+is(join(' ', map { status_of($_) // 0 } @bad), '200 200',
+	'dyn abc: requests 200');
 is(join(' ', map { conn_of($_) // 0 } @bad), '6 7', 'dyn abc: not reused');
 is($n, 2, 'dyn abc: one warning per request');
 
@@ -167,8 +152,11 @@ is($n, 2, 'dyn abc: one warning per request');
 
 my $warn_empty = qr/\[warn\].*keepalive: "slice_dyn" variable "\$conn" is "", not a number, connection not kept/;
 my @empty;
-$n = delta($warn_empty, sub { @empty = map { get('y.empty.com', '/dyn/x') } 1 .. 2 });
-is(join(' ', map { status($_) } @empty), '200 200', 'dyn empty: requests 200');
+$n = errlog_delta($t, $warn_empty, sub {
+	@empty = map { http_get_host('y.empty.com', '/dyn/x') } 1 .. 2
+});
+is(join(' ', map { status_of($_) // 0 } @empty), '200 200',
+	'dyn empty: requests 200');
 is(join(' ', map { conn_of($_) // 0 } @empty), '8 9', 'dyn empty: not reused');
 is($n, 2, 'dyn empty: one warning per request');
 
@@ -179,20 +167,25 @@ is(backend_log_wait("$d/b8081.log", qr/^close /, 7), 7,
 
 my $warn_nf = qr/\[warn\].*keepalive: "slice_dyn" variable "\$http_x_limit" not found, connection not kept/;
 my @nf;
-$n = delta($warn_nf, sub { @nf = map { get('a.example', '/hdr/x') } 1 .. 2 });
-is(join(' ', map { status($_) } @nf), '200 200', 'not found: requests 200');
+$n = errlog_delta($t, $warn_nf, sub {
+	@nf = map { http_get_host('a.example', '/hdr/x') } 1 .. 2
+});
+is(join(' ', map { status_of($_) // 0 } @nf), '200 200',
+	'not found: requests 200');
 is(join(' ', map { conn_of($_) // 0 } @nf), '1 2', 'not found: not reused');
 is($n, 2, 'not found: one warning per request');
 
 # ... and with the header: its value is the limit
 
-my @hdr = map { conn_of(get('a.example', '/hdr/x', 'X-Limit: 1')) // 0 } 1 .. 3;
+my @hdr = map { conn_of(http_get_host('a.example', '/hdr/x',
+	headers => [ 'X-Limit: 1' ])) // 0 } 1 .. 3;
 is("@hdr", '3 3 3', 'header limit 1: reused');
 
-$n = delta(qr/\[info\].*bucket limit for key "b\.example" is 0/, sub {
-	@hdr = map { conn_of(get('b.example', '/hdr/x', 'X-Limit: 0')) // 0 }
-		1 .. 2
-});
+$n = errlog_delta($t, qr/\[info\].*bucket limit for key "b\.example" is 0/,
+	sub {
+		@hdr = map { conn_of(http_get_host('b.example', '/hdr/x',
+			headers => [ 'X-Limit: 0' ])) // 0 } 1 .. 2
+	});
 is("@hdr", '4 5', 'header limit 0: not reused');
 is($n, 2, 'header limit 0: logged');
 
@@ -200,7 +193,8 @@ is($n, 2, 'header limit 0: logged');
 # a request with limit 0 for a host whose bucket holds a connection takes
 # it and does not put it back
 
-is(conn_of(get('a.example', '/hdr/x', 'X-Limit: 0')), 3,
+is(conn_of(http_get_host('a.example', '/hdr/x',
+	headers => [ 'X-Limit: 0' ])), 3,
 	'header limit 0: takes the idle connection');
 is(backend_log_wait("$d/b8082.log", qr/^close conn=3 /, 1), 1,
 	'header limit 0: and closes it');
@@ -208,16 +202,19 @@ is(backend_log_wait("$d/b8082.log", qr/^close conn=3 /, 1), 1,
 # slice_dyn wins over slice_conn=5
 
 my @both;
-$n = delta($zero, sub {
-	@both = map { conn_of(get('other.com', '/both/x')) // 0 } 1 .. 2
+$n = errlog_delta($t, $zero, sub {
+	@both = map { conn_of(http_get_host('other.com', '/both/x')) // 0 }
+		1 .. 2
 });
 is("@both", '1 2', 'both, dyn 0: not reused despite slice_conn=5');
 is($n, 2, 'both, dyn 0: logged');
 
-is(conn_of(get('a.allow.com', '/both/x')), 3, 'both, dyn 2: first');
-is(conn_of(get('a.allow.com', '/both/x')), 3, 'both, dyn 2: reused');
+is(conn_of(http_get_host('a.allow.com', '/both/x')), 3, 'both, dyn 2: first');
+is(conn_of(http_get_host('a.allow.com', '/both/x')), 3, 'both, dyn 2: reused');
 
-$n = delta($full2, sub { @par = parallel('a.allow.com', '/both/sleep/300', 3) });
+$n = errlog_delta($t, $full2, sub {
+	@par = parallel_conns('a.allow.com', '/both/sleep/300', 3)
+});
 is("@par", '3 4 5', 'both, dyn 2: three in parallel');
 is($n, 1, 'both, dyn 2: limit 2, not 5');
 is(backend_log_wait("$d/b8083.log", qr/^close /, 3), 3,

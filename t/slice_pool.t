@@ -14,8 +14,9 @@ use Test::More;
 use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
-use Test::Nginx qw/ :DEFAULT http_start http_end /;
+use Test::Nginx qw/ :DEFAULT http_end /;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
+use Test::Nginx::Keepalive qw/ http_get_host parallel_get errlog_delta /;
 
 ###############################################################################
 
@@ -102,25 +103,8 @@ $t->plan(31);
 
 ###############################################################################
 
-sub get {
-	my ($host, $uri) = @_;
-	return http("GET $uri HTTP/1.0\r\nHost: $host\r\n\r\n");
-}
-
 sub conn {
-	return conn_of(get(@_)) // 0;
-}
-
-sub logged {
-	my ($re) = @_;
-	return scalar(() = $t->read_file('error.log') =~ /$re/gm);
-}
-
-sub delta {
-	my ($re, $code) = @_;
-	my $before = logged($re);
-	$code->();
-	return logged($re) - $before;
+	return conn_of(http_get_host(@_)) // 0;
 }
 
 sub no_bucket {
@@ -138,7 +122,7 @@ is(conn('a.example', '/pool/x'), 1, 'pool: a opens');
 is(conn('b.example', '/pool/x'), 2, 'pool: b opens');
 
 my @c;
-my $n = delta(no_bucket('c.example'), sub {
+my $n = errlog_delta($t, no_bucket('c.example'), sub {
 	@c = map { conn('c.example', '/pool/x') } 1 .. 2;
 });
 is("@c", '3 4', 'pool: c not reused while the pool is full');
@@ -154,7 +138,7 @@ is(conn('b.example', '/pool/x'), 2, 'pool: b still reuses');
 is(backend_log_wait("$d/b8081.log", qr/^close conn=[12] reason=eof$/, 2, 6),
 	2, 'pool: idle a and b timed out');
 
-$n = delta(no_bucket('c.example'), sub {
+$n = errlog_delta($t, no_bucket('c.example'), sub {
 	@c = map { conn('c.example', '/pool/x') } 1 .. 3;
 });
 is("@c", '5 5 5', 'pool: c kept and reused after the timeout');
@@ -167,11 +151,10 @@ is(conn('a.example', '/take/x'), 1, 'take: a opens');
 is(conn('b.example', '/take/x'), 2, 'take: b opens');
 
 my ($ra, $rc);
-$n = delta(no_bucket('a.example'), sub {
-	my $sa = http_start("GET /take/sleep/800 HTTP/1.0\r\n"
-		. "Host: a.example\r\n\r\n");
+$n = errlog_delta($t, no_bucket('a.example'), sub {
+	my $sa = http_get_host('a.example', '/take/sleep/800', start => 1);
 	select undef, undef, undef, 0.2;
-	$rc = http("GET /take/sleep/50 HTTP/1.0\r\nHost: c.example\r\n\r\n");
+	$rc = http_get_host('c.example', '/take/sleep/50');
 	$ra = http_end($sa);
 });
 
@@ -189,14 +172,13 @@ is(conn('b.example', '/evict/x'), 2, 'evict: b opens');
 
 # two b requests at once: one reuses 2, one opens 3; storing both evicts a
 
-my @s = map { http_start("GET /evict/sleep/200 HTTP/1.0\r\n"
-	. "Host: b.example\r\n\r\n") } 1 .. 2;
-my @b = sort map { conn_of(http_end($_)) // 0 } @s;
+my @b = sort map { conn_of($_) // 0 }
+	parallel_get('b.example', ('/evict/sleep/200') x 2);
 is("@b", '2 3', 'evict: b twice in parallel');
 is(backend_log_wait("$d/b8083.log", qr/^close conn=1 /, 1), 1,
 	'evict: a evicted');
 
-$n = delta(no_bucket('c.example'), sub {
+$n = errlog_delta($t, no_bucket('c.example'), sub {
 	@c = map { conn('c.example', '/evict/x') } 1 .. 2;
 });
 is("@c", '4 4', 'evict: c kept in the bucket a left');
@@ -204,9 +186,9 @@ is($n, 0, 'evict: no refusal');
 
 # slice_keylen=4: keys equal in the first 4 bytes share a bucket
 
-my $r = get('abcd1.example', '/len/x');
+my $r = http_get_host('abcd1.example', '/len/x');
 is(conn_of($r), 1, 'keylen: abcd1 opens');
-$r = get('abcd2.example', '/len/x');
+$r = http_get_host('abcd2.example', '/len/x');
 is(conn_of($r), 1, 'keylen: abcd2 shares the bucket');
 like($r, qr/^X-Host: abcd2\.example\r?$/m, 'keylen: with its own host');
 is(conn('abce.example', '/len/x'), 2, 'keylen: abce does not');
@@ -217,7 +199,7 @@ is(conn('abcd1.example', '/len/x'), 1, 'keylen: abcd1 again');
 my @h = map { conn(sprintf('h%02d.example', $_), '/def/x') } 1 .. 20;
 is("@h", join(' ', 1 .. 20), 'default poolsize: 20 hosts');
 
-$n = delta(no_bucket('h21.example', 20), sub {
+$n = errlog_delta($t, no_bucket('h21.example', 20), sub {
 	@h = map { conn('h21.example', '/def/x') } 1 .. 2;
 });
 is("@h  $n", '21 22  2', 'default poolsize: 21st key finds no bucket');

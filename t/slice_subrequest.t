@@ -15,6 +15,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's
 
 use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend backend_log_count /;
+use Test::Nginx::Keepalive qw/ http_get_host status_of /;
 
 ###############################################################################
 
@@ -84,8 +85,7 @@ $t->plan(21);
 sub page {
 	my ($host, $uri) = @_;
 
-	my $r = http("GET $uri HTTP/1.0\r\nHost: $host\r\n\r\n") // '';
-	my ($status) = $r =~ m{^HTTP/1\.\d (\d{3})};
+	my $r = http_get_host($host, $uri) // '';
 	my (@conns, @hosts);
 
 	while ($r =~ /conn=(\d+) req=\d+ host=(\S*) port=\d+ uri=\/(one|two)/g) {
@@ -93,7 +93,7 @@ sub page {
 		push @hosts, $2;
 	}
 
-	return ($status // 0, join(' ', @hosts), @conns);
+	return (status_of($r) // 0, join(' ', @hosts), @conns);
 }
 
 sub keys_logged {

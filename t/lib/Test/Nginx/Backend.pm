@@ -42,7 +42,7 @@ use Socket qw/ SOL_SOCKET SO_LINGER /;
 use Time::HiRes qw/ time sleep /;
 
 our @EXPORT = qw/ http_backend fastcgi_backend conn_of backend_log_count /;
-our @EXPORT_OK = (@EXPORT, qw/ backend_log_wait /);
+our @EXPORT_OK = (@EXPORT, qw/ backend_log_wait backend_log_lines req_of /);
 
 ###############################################################################
 # Helpers for tests.
@@ -73,6 +73,18 @@ sub backend_log_wait {
 	}
 }
 
+# The lines of the backend log $path, without line ends, for tests that
+# look at their order.  Like backend_log_count(), a missing log file means
+# nothing happened yet: no lines.
+sub backend_log_lines {
+	my ($path) = @_;
+
+	open my $fh, '<', $path or return ();
+	chomp(my @lines = <$fh>);
+	close $fh;
+	return @lines;
+}
+
 # The X-Connection value of a raw HTTP response string, or undef.  Only the
 # header part is looked at, so a body mentioning the header cannot fool it.
 sub conn_of {
@@ -82,6 +94,16 @@ sub conn_of {
 	my ($head) = split /\r?\n\r?\n/, $response, 2;
 	return undef unless defined $head;
 	return $head =~ /^X-Connection:[ \t]*(\d+)/mi ? $1 : undef;
+}
+
+# The X-Request value (the request's number on its connection) of a raw
+# HTTP response string, or undef; the header part only, as for conn_of().
+sub req_of {
+	my ($response) = @_;
+
+	return undef unless defined $response;
+	my ($head) = split /\r?\n\r?\n/, $response, 2;
+	return $head =~ /^X-Request:\s*(\d+)/mi ? $1 : undef;
 }
 
 ###############################################################################

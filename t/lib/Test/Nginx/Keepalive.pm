@@ -1,0 +1,162 @@
+package Test::Nginx::Keepalive;
+
+# Helpers shared by this project's keepalive*.t and slice*.t suites.
+#
+# Several test files had grown their own copies of these small subs; they
+# live here once so that a fix or a change of convention reaches every
+# file.  What stays in each .t, by nginx-tests convention, is everything
+# that describes the test: the configuration, the backends it starts and
+# the assertions.
+#
+# Only Test::Nginx's public API is used (http, http_start, http_end,
+# $t->testdir, $t->read_file, $t->write_file_expand), so the suites keep
+# running with nginx's own lib/Test/Nginx.pm in place of ours.  Subs that
+# need the test's Test::Nginx object take it as their first argument.
+#
+# Typical use, after "use Test::Nginx ...;":
+#
+#   use Test::Nginx::Keepalive qw/ http_get_host status_of errlog_delta /;
+#
+#   my $r = http_get_host('a.example', '/x');
+#   is(status_of($r) // 'none', 200, 'a.example');
+
+use warnings;
+use strict;
+
+use Exporter qw/ import /;
+
+use Test::Nginx qw/ :DEFAULT http_start http_end /;
+
+our @EXPORT_OK = qw/
+	http_get_host http_post_host parallel_get
+	status_of header_of
+	errlog_count errlog_delta
+	nginx_test_config
+/;
+
+###############################################################################
+# Requests with a Host header.
+#
+# Test::Nginx's http_get() always sends "Host: localhost"; the slicing
+# tests key idle connections by $host, so they need to choose it.  The
+# requests are HTTP/1.0 with CRLF line ends, as the test files wrote them
+# by hand.
+
+sub _get_request {
+	my ($host, $uri, @headers) = @_;
+	return "GET $uri HTTP/1.0\r\nHost: $host\r\n"
+		. join('', map { "$_\r\n" } @headers) . "\r\n";
+}
+
+# http_get_host($host, $uri, %extra): GET $uri with "Host: $host" and the
+# response, as http() returns it.  headers => [ 'Name: value', ... ] adds
+# request headers; everything else in %extra goes to http() (PeerAddr,
+# start => 1, ...).
+sub http_get_host {
+	my ($host, $uri, %extra) = @_;
+	my $headers = delete $extra{headers} // [];
+	return http(_get_request($host, $uri, @$headers), %extra);
+}
+
+# http_post_host($host, $uri, $body, %extra): the same for a POST of $body.
+sub http_post_host {
+	my ($host, $uri, $body, %extra) = @_;
+	return http("POST $uri HTTP/1.0\r\nHost: $host\r\n"
+		. 'Content-Length: ' . length($body) . "\r\n\r\n" . $body, %extra);
+}
+
+# parallel_get($host, @uris): sends a GET for each URI at once, then
+# collects the responses, in the order of the URIs (undef for one that
+# failed).  While they are all in flight, each request needs an upstream
+# connection of its own.
+sub parallel_get {
+	my ($host, @uris) = @_;
+	my @s = map { http_start(_get_request($host, $_)) } @uris;
+	return map { defined $_ ? http_end($_) : undef } @s;
+}
+
+###############################################################################
+# Responses.
+#
+# Like Test::Nginx::Backend's conn_of(), these return undef for "nothing
+# there", and each test file says what that looks like in its output
+# (status_of($r) // 'none', status_of($r) // 0).  Only the header part of
+# a response is looked at, so a body cannot fool them.
+
+# The status code of a raw HTTP response string, or undef.
+sub status_of {
+	my ($r) = @_;
+	return defined $r && $r =~ m{^HTTP/1\.\d (\d{3})} ? $1 : undef;
+}
+
+# The value of the response header $name (case-insensitive): one word,
+# alone on its line; undef if the header is missing or its value is not a
+# single word.
+sub header_of {
+	my ($r, $name) = @_;
+	return undef unless defined $r;
+	my ($head) = split /\r?\n\r?\n/, $r, 2;
+	return undef unless defined $head;
+	return $head =~ /^\Q$name\E: (\S+)\r?$/mi ? $1 : undef;
+}
+
+###############################################################################
+# nginx's error.log.
+#
+# The log only grows and is shared by everything a test file does, so what
+# one step logged is the difference of two counts.
+
+# Number of matches of $re in the test's error.log.
+sub errlog_count {
+	my ($t, $re) = @_;
+	return scalar(() = $t->read_file('error.log') =~ /$re/gm);
+}
+
+# Runs $code and returns how many more matches of $re error.log has after
+# it than before.
+sub errlog_delta {
+	my ($t, $re, $code) = @_;
+	my $before = errlog_count($t, $re);
+	$code->();
+	return errlog_count($t, $re) - $before;
+}
+
+###############################################################################
+# Configuration checks with "nginx -t".
+
+# The binary Test::Nginx runs, chosen by the same rule: Test::Nginx's own
+# variable for it is not part of its API.
+my $NGINX = defined $ENV{TEST_NGINX_BINARY} ? $ENV{TEST_NGINX_BINARY}
+	: '../nginx/objs/nginx';
+
+# nginx_test_config($t, $file, $conf, $error_log): writes $conf as $file
+# into the test directory, with the %%TEST_GLOBALS%% macros expanded like
+# $t->write_file_expand() does, and runs "nginx -t" on it.  nginx logs
+# into $error_log (relative to the test directory; default error.log, the
+# one Test::Nginx checks for alerts at the end).  Returns the exit status
+# and everything nginx printed.
+sub nginx_test_config {
+	my ($t, $file, $conf, $error_log) = @_;
+
+	my $d = $t->testdir();
+	$error_log //= 'error.log';
+
+	$t->write_file_expand($file, $conf);
+
+	my $out = `\Q$NGINX\E -t -p $d/ -c $file -e $error_log 2>&1`;
+	my $status = $? >> 8;
+
+	# "nginx -t" writes the pid file (%%TEST_GLOBALS%% puts it into the
+	# test directory), which would make a later $t->run() believe that
+	# nginx has already started
+
+	unlink "$d/nginx.pid";
+
+	return ($status, $out);
+}
+
+###############################################################################
+
+1;
+
+###############################################################################
