@@ -3,10 +3,11 @@
 # make bench: what slicing costs in throughput, measured with wrk.
 #
 # A front nginx from objs/ (with the module) proxies to a backend nginx from
-# objs/ that answers every request with a small 200.  The front has three
+# objs/ that answers every request with a small 200.  The fronts have
 # upstreams that differ only in their keepalive line:
 #
 #   none      no keepalive: a new backend connection per request
+#   stock     keepalive 64;  in a second front WITHOUT the module (nginx's own)
 #   drop-in   keepalive 64;                                  (stock behaviour)
 #   sliced    keepalive 64 slice_key=$host slice_conn=16;
 #
@@ -54,6 +55,7 @@ my $USER = $> == 0 ? 'user root;' : '';
 
 my @CONFIGS = (
 	{ name => 'none',    ka => '' },
+	{ name => 'stock',   ka => 'keepalive 64;', stock => 1 },
 	{ name => 'drop-in', ka => 'keepalive 64;' },
 	{ name => 'sliced',  ka => 'keepalive 64 slice_key=$host slice_conn=16;' },
 );
@@ -101,10 +103,10 @@ EOF
 # Front: the module loaded, one upstream and one server per configuration,
 # identical but for the keepalive line.
 
-my $front_servers = '';
+my %front_servers = (module => '', stock => '');
 for my $c (@CONFIGS) {
 	(my $up = $c->{name}) =~ tr/-/_/;
-	$front_servers .= <<"EOF";
+	$front_servers{$c->{stock} ? 'stock' : 'module'} .= <<"EOF";
     upstream $up {
         server 127.0.0.1:$c->{backend};
         $c->{ka}
@@ -124,12 +126,16 @@ for my $c (@CONFIGS) {
 EOF
 }
 
-my $front = start_nginx('front', <<"EOF");
+# The stock row runs in a front of its own, without load_module: nginx's
+# own module, for comparison with the drop-in row.
+for my $kind ('module', 'stock') {
+	my $load = $kind eq 'module' ? "load_module $SO;" : '';
+	start_nginx("front-$kind", <<"EOF");
 $USER
 worker_processes 1;
-error_log $tmp/front/logs/error.log warn;
+error_log $tmp/front-$kind/logs/error.log warn;
 
-load_module $SO;
+$load
 
 events {
     worker_connections 4096;
@@ -138,8 +144,9 @@ events {
 http {
     access_log off;
 
-$front_servers}
+$front_servers{$kind}}
 EOF
+}
 
 ###############################################################################
 # wrk.
@@ -183,7 +190,7 @@ count_connections();
 my @head = ('configuration', 'requests/s', 'avg latency', 'errors',
 	'backend connections');
 my @rows = map {
-	[ $_->{ka} || 'no keepalive', sprintf('%.0f', $_->{rps}), $_->{latency},
+	[ ($_->{ka} || 'no keepalive') . ($_->{stock} ? ' (nginx\'s own)' : ''), sprintf('%.0f', $_->{rps}), $_->{latency},
 		$_->{errors}, $_->{connections} ]
 } @CONFIGS;
 
@@ -206,7 +213,7 @@ print "\none run each, so compare with care: repeat to see the spread."
 
 # Errors in the front's log would make the figures meaningless.
 my @problems = grep { /\[(?:error|crit|alert|emerg)\]/ }
-	split /^/, slurp("$tmp/front/logs/error.log");
+	map { split /^/, slurp("$tmp/front-$_/logs/error.log") } 'module', 'stock';
 if (@problems) {
 	printf "\nthe front nginx logged %d errors, e.g.:\n%s", scalar @problems,
 		join '', @problems[ 0 .. ($#problems < 2 ? $#problems : 2) ];
