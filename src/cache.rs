@@ -99,58 +99,52 @@ impl<C: Copy> IdleCache<C> {
     /// Without slicing, pass `poolsize` = `capacity + 1` and `keylen` = 0:
     /// every stored connection then finds a bucket even when all others sit
     /// in distinct buckets, as in nginx's own cache.
-    pub fn new(capacity: usize, poolsize: usize, keylen: usize) -> Self {
-        let capacity = capacity.min(NIL as usize - 1);
-        let poolsize = poolsize.min(NIL as usize - 1);
+    ///
+    /// `None` if the sizes are beyond what the index links can address or
+    /// the memory cannot be allocated: the configuration is refused, nginx
+    /// does not abort.
+    pub fn new(capacity: usize, poolsize: usize, keylen: usize) -> Option<Self> {
+        if capacity >= NIL as usize || poolsize >= NIL as usize {
+            return None;
+        }
+        let link = |i: usize, n: usize| if i + 1 < n { (i + 1) as u32 } else { NIL };
 
-        let slots = (0..capacity)
-            .map(|i| IdleSlot {
-                conn: None,
-                bucket: NIL,
-                lru_prev: NIL,
-                lru_next: NIL,
-                bucket_prev: NIL,
-                bucket_next: if i + 1 < capacity {
-                    (i + 1) as u32
-                } else {
-                    NIL
-                },
-            })
-            .collect();
+        let slots = boxed_slice(capacity, |i| IdleSlot {
+            conn: None,
+            bucket: NIL,
+            lru_prev: NIL,
+            lru_next: NIL,
+            bucket_prev: NIL,
+            bucket_next: link(i, capacity),
+        })?;
 
-        let buckets = (0..poolsize)
-            .map(|i| Bucket {
-                hash: 0,
-                tag: 0,
-                addr_len: 0,
-                slice_len: 0,
-                chain_next: if i + 1 < poolsize {
-                    (i + 1) as u32
-                } else {
-                    NIL
-                },
-                head: NIL,
-                count: 0,
-            })
-            .collect();
+        let buckets = boxed_slice(poolsize, |i| Bucket {
+            hash: 0,
+            tag: 0,
+            addr_len: 0,
+            slice_len: 0,
+            chain_next: link(i, poolsize),
+            head: NIL,
+            count: 0,
+        })?;
 
         // Load factor at most 1/2, power of two so a mask picks the chain.
-        let table_len = (poolsize * 2).next_power_of_two().max(1);
+        let table_len = poolsize.checked_mul(2)?.checked_next_power_of_two()?.max(1);
 
-        IdleCache {
+        Some(IdleCache {
             slots,
             buckets,
-            addrs: vec![0; poolsize * MAX_ADDR_LEN].into_boxed_slice(),
-            slices: vec![0; poolsize * keylen].into_boxed_slice(),
+            addrs: boxed_slice(poolsize.checked_mul(MAX_ADDR_LEN)?, |_| 0)?,
+            slices: boxed_slice(poolsize.checked_mul(keylen)?, |_| 0)?,
             keylen,
-            table: vec![NIL; table_len].into_boxed_slice(),
+            table: boxed_slice(table_len, |_| NIL)?,
             lru_head: NIL,
             lru_tail: NIL,
             free_slot: if capacity > 0 { 0 } else { NIL },
             free_bucket: if poolsize > 0 { 0 } else { NIL },
             len: 0,
             buckets_in_use: 0,
-        }
+        })
     }
 
     /// Idle connections held.
@@ -298,19 +292,6 @@ impl<C: Copy> IdleCache<C> {
         Some(conn)
     }
 
-    /// The connection in `slot`, if any.
-    pub fn get(&self, slot: usize) -> Option<C> {
-        self.slots.get(slot)?.conn
-    }
-
-    /// Removes and returns every idle connection (the caller closes them).
-    pub fn drain(&mut self) -> impl Iterator<Item = C> + '_ {
-        std::iter::from_fn(move || match self.lru_tail {
-            NIL => None,
-            tail => self.remove(tail as usize),
-        })
-    }
-
     fn hash(&self, key: &BucketKey) -> u64 {
         // FNV-1a: short keys, no allocation, no per-process seed needed
         // because keys are not attacker-chosen beyond the pool size bound.
@@ -406,6 +387,14 @@ impl<C: Copy> IdleCache<C> {
     }
 }
 
+/// `n` elements made by `make`, or `None` if the memory is not there.
+pub fn boxed_slice<T>(n: usize, make: impl FnMut(usize) -> T) -> Option<Box<[T]>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    v.extend((0..n).map(make));
+    Some(v.into_boxed_slice())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -422,7 +411,7 @@ mod tests {
     }
 
     fn unsliced(capacity: usize) -> IdleCache<u32> {
-        IdleCache::new(capacity, capacity + 1, 0)
+        IdleCache::new(capacity, capacity + 1, 0).unwrap()
     }
 
     #[test]
@@ -482,7 +471,7 @@ mod tests {
 
     #[test]
     fn slices_by_key_within_an_address() {
-        let mut cache = IdleCache::new(8, 4, 40);
+        let mut cache = IdleCache::new(8, 4, 40).unwrap();
         cache.store(&key(A, b"a.example"), 1, 2).unwrap();
         cache.store(&key(A, b"b.example"), 2, 2).unwrap();
         assert_eq!(cache.take(&key(A, b"c.example")), None);
@@ -511,7 +500,7 @@ mod tests {
 
     #[test]
     fn refuses_beyond_the_bucket_limit() {
-        let mut cache = IdleCache::new(8, 4, 40);
+        let mut cache = IdleCache::new(8, 4, 40).unwrap();
         cache.store(&key(A, b"a"), 1, 2).unwrap();
         cache.store(&key(A, b"a"), 2, 2).unwrap();
         assert_eq!(
@@ -524,7 +513,7 @@ mod tests {
 
     #[test]
     fn pool_exhaustion_then_recovery() {
-        let mut cache = IdleCache::new(8, 2, 40);
+        let mut cache = IdleCache::new(8, 2, 40).unwrap();
         let a = cache.store(&key(A, b"a"), 1, 4).unwrap();
         let b = cache.store(&key(A, b"b"), 2, 4).unwrap();
         assert_eq!(
@@ -541,7 +530,7 @@ mod tests {
 
     #[test]
     fn eviction_updates_the_evicted_bucket() {
-        let mut cache = IdleCache::new(2, 4, 40);
+        let mut cache = IdleCache::new(2, 4, 40).unwrap();
         cache.store(&key(A, b"a"), 1, 2).unwrap();
         cache.store(&key(A, b"a"), 2, 2).unwrap();
         let stored = cache.store(&key(A, b"b"), 3, 2).unwrap();
@@ -556,7 +545,7 @@ mod tests {
 
     #[test]
     fn keys_are_cut_to_keylen() {
-        let mut cache = IdleCache::new(4, 4, 4);
+        let mut cache = IdleCache::new(4, 4, 4).unwrap();
         cache.store(&key(A, b"abcdXXX"), 1, 4).unwrap();
         assert_eq!(cache.take(&key(A, b"abcdYYY")), Some(1));
         cache.store(&key(A, b"abc"), 2, 4).unwrap();
@@ -575,7 +564,7 @@ mod tests {
 
     #[test]
     fn zero_capacity_keeps_nothing() {
-        let mut cache: IdleCache<u32> = IdleCache::new(0, 1, 0);
+        let mut cache: IdleCache<u32> = IdleCache::new(0, 1, 0).unwrap();
         assert_eq!(
             cache.store(&key(A, b""), 1, usize::MAX),
             Err(Refusal::Unusable)
@@ -583,15 +572,11 @@ mod tests {
     }
 
     #[test]
-    fn drain_empties_everything() {
-        let mut cache = IdleCache::new(4, 4, 8);
-        cache.store(&key(A, b"a"), 1, 4).unwrap();
-        cache.store(&key(B, b"b"), 2, 4).unwrap();
-        let mut all: Vec<u32> = cache.drain().collect();
-        all.sort();
-        assert_eq!(all, vec![1, 2]);
-        assert!(cache.is_empty());
-        assert_eq!(cache.buckets_in_use(), 0);
+    fn impossible_sizes_are_refused_not_aborted() {
+        assert!(IdleCache::<u32>::new(usize::MAX, 1, 0).is_none());
+        assert!(IdleCache::<u32>::new(1, usize::MAX, 0).is_none());
+        assert!(IdleCache::<u32>::new(1, 1 << 31, usize::MAX).is_none());
+        assert!(IdleCache::<u32>::new(1, 1 << 20, 1 << 50).is_none());
     }
 
     /// A model check: random operations against a naive list agree.
@@ -606,7 +591,7 @@ mod tests {
         };
         let keys: [&[u8]; 4] = [b"a", b"b", b"c", b"d"];
         let (capacity, poolsize, limit) = (6usize, 3usize, 3usize);
-        let mut cache = IdleCache::new(capacity, poolsize, 8);
+        let mut cache = IdleCache::new(capacity, poolsize, 8).unwrap();
         // model: (conn, key index, slot), most recent first
         let mut model: Vec<(u32, usize, usize)> = Vec::new();
         for conn in 0..20_000u32 {

@@ -15,14 +15,14 @@ use ngx::ffi::{
     ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value,
     ngx_http_get_flushed_variable, ngx_http_request_t, ngx_http_upstream_srv_conf_t,
     ngx_http_upstream_t, ngx_int_t, ngx_log_t, ngx_palloc, ngx_peer_connection_t, ngx_socket_errno,
-    ngx_str_t, ngx_terminate, ngx_uint_t, NGX_EAGAIN, NGX_LOG_INFO, NGX_LOG_WARN,
+    ngx_str_t, ngx_terminate, ngx_uint_t, NGX_EAGAIN, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
 };
 #[cfg(ngx_feature = "http_ssl")]
 use ngx::ffi::{ngx_event_save_peer_session_pt, ngx_event_set_peer_session_pt, ngx_ssl_shutdown};
 use ngx::{ngx_log_debug_mask, ngx_log_error};
 
 use crate::args::parse_number;
-use crate::cache::{BucketKey, IdleCache, Refusal};
+use crate::cache::{boxed_slice, BucketKey, IdleCache, Refusal};
 use crate::module::{
     apply_defaults, free_with_cycle, ngx_http_upstream_keepalive_slice_module, KeepaliveConf,
     NGX_ERROR, NGX_OK,
@@ -124,18 +124,31 @@ pub unsafe extern "C" fn init_upstream(
 
         let (poolsize, keylen) = match &kcf.slice {
             Some(slice) => (slice.poolsize, slice.keylen),
-            None => (kcf.max_cached + 1, 0),
+            None => (kcf.max_cached.saturating_add(1), 0),
         };
-        let state = Box::new(IdleState {
-            cache: IdleCache::new(kcf.max_cached, poolsize, keylen),
-            handles: Box::new([]),
+        let cache = IdleCache::new(kcf.max_cached, poolsize, keylen);
+        let handles = boxed_slice(kcf.max_cached, |slot| SlotHandle {
+            idle: ptr::null_mut(),
+            slot,
         });
-        let Some(idle) = free_with_cycle(cf, state) else {
+        let (Some(cache), Some(handles)) = (cache, handles) else {
+            ngx_log_error!(
+                NGX_LOG_EMERG,
+                (*cf).log,
+                "keepalive: cannot allocate a cache of {} connections in {} buckets \
+                 of {} key bytes",
+                kcf.max_cached,
+                poolsize,
+                keylen
+            );
             return NGX_ERROR;
         };
-        (*idle).handles = (0..kcf.max_cached)
-            .map(|slot| SlotHandle { idle, slot })
-            .collect();
+        let Some(idle) = free_with_cycle(cf, Box::new(IdleState { cache, handles })) else {
+            return NGX_ERROR;
+        };
+        for handle in (*idle).handles.iter_mut() {
+            handle.idle = idle;
+        }
         kcf.idle = idle;
     }
     NGX_OK
