@@ -271,23 +271,28 @@ print $s req('/', version => '1.0', Connection => 'keep-alive');
 is(header(read_response($s), 'X-Request'), 2, 'HTTP/1.0 keep-alive reused');
 close $s;
 
-# /sleep does not block other connections.
+# /sleep does not block other connections.  The sleep is long compared
+# with the bounds below, so that a loaded machine does not fail them.
 
 my $slow = conn($port);
 my $start = time();
-print $slow req('/sleep/300');
+print $slow req('/sleep/1000');
 
 $s = conn($port);
 print $s req('/fast');
 $r = read_response($s);
 my $fast = time() - $start;
-ok(defined $r && $fast < 0.25, "other connection not delayed ($fast s)");
-is(sock_state($slow, 0.1), 'open', 'sleeping request not answered yet');
+ok(defined $r && $fast < 0.5, "other connection not delayed ($fast s)");
+
+# (not sock_state(): it reads and discards data, so it would say 'open'
+# even if the response had come)
+
+ok(!IO::Select->new($slow)->can_read(0.1), 'sleeping request not answered yet');
 
 $r = read_response($slow);
 my $slept = time() - $start;
-like($r, qr/uri=\/sleep\/300 /, '/sleep answered');
-ok($slept >= 0.3, "/sleep waited ($slept s)");
+like($r, qr/uri=\/sleep\/1000 /, '/sleep answered');
+ok($slept >= 1, "/sleep waited ($slept s)");
 
 print $slow req('/after-sleep');
 like(read_response($slow), qr/req=2 /, 'keepalive after /sleep');

@@ -109,7 +109,8 @@ like($t->read_file('error.log'), qr/\[debug\]/, 'debug lines in error.log');
 
 }
 
-# reload: the new config is in effect right after reload()
+# reload: the new config comes into effect (nginx's own library returns
+# right after the signal, so wait for the new workers a little)
 
 like(http_get('/version'), qr/version one/, 'before reload');
 
@@ -117,11 +118,20 @@ like(http_get('/version'), qr/version one/, 'before reload');
 $t->write_file_expand('nginx.conf', $c);
 $t->reload();
 
-like(http_get('/version'), qr/version two/, 'after reload');
+my $version = '';
+for (1 .. 50) {
+	$version = http_get('/version');
+	last if $version =~ /version two/;
+	select undef, undef, undef, 0.1;
+}
+
+like($version, qr/version two/, 'after reload');
 
 like($t->read_file('error.log'), qr/reconfiguring/, 'reload in error.log');
 
-ok(-d $t->testdir(), 'testdir');
+# testdir() is where %%TEST_GLOBALS%% put nginx's pid file
+
+ok(-f $t->testdir() . '/nginx.pid', 'testdir');
 
 ###############################################################################
 

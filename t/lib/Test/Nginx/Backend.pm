@@ -103,6 +103,7 @@ sub req_of {
 
 	return undef unless defined $response;
 	my ($head) = split /\r?\n\r?\n/, $response, 2;
+	return undef unless defined $head;
 	return $head =~ /^X-Request:\s*(\d+)/mi ? $1 : undef;
 }
 

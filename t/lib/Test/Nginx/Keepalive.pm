@@ -24,13 +24,14 @@ use warnings;
 use strict;
 
 use Exporter qw/ import /;
+use Time::HiRes qw/ time /;
 
 use Test::Nginx qw/ :DEFAULT http_start http_end /;
 
 our @EXPORT_OK = qw/
 	http_get_host http_post_host parallel_get
 	status_of header_of
-	errlog_count errlog_delta
+	errlog_count errlog_delta errlog_wait
 	nginx_test_config
 /;
 
@@ -119,6 +120,21 @@ sub errlog_delta {
 	my $before = errlog_count($t, $re);
 	$code->();
 	return errlog_count($t, $re) - $before;
+}
+
+# What nginx logs on a timer (keepalive_timeout and the like) appears at
+# a time the test does not control: polling is the race-free way to wait
+# for it.  Waits until error.log has at least $count matches of $re (or
+# $timeout seconds, default 5, pass) and returns the last count seen.
+sub errlog_wait {
+	my ($t, $re, $count, $timeout) = @_;
+
+	my $deadline = time() + ($timeout // 5);
+	while (1) {
+		my $n = errlog_count($t, $re);
+		return $n if $n >= $count || time() >= $deadline;
+		select undef, undef, undef, 0.05;
+	}
 }
 
 ###############################################################################
