@@ -24,9 +24,9 @@ fn main() {
         println!("cargo::rustc-cfg=ngx_os=\"{os}\"");
     }
 
-    // nginx versions whose API or behaviour the module follows:
-    // 1.29.0 added ngx_peer_connection_t.notify (passed through to the balancer).
-    const VERSION_CHECKS: &[(u64, &str)] = &[(1_029_000, "nginx1_29_0")];
+    // nginx versions whose behaviour the module follows:
+    // 1.29.7 enables its own keepalive cache by default in every upstream.
+    const VERSION_CHECKS: &[(u64, &str)] = &[(1_029_007, "nginx1_29_7")];
     for (_, name) in VERSION_CHECKS {
         println!("cargo::rustc-check-cfg=cfg({name})");
     }

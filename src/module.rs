@@ -259,6 +259,7 @@ extern "C" fn keepalive_directive(
     // holds the upstream module's srv conf.
     let uscf = unsafe { upstream_srv_conf(cf) };
 
+    #[cfg(nginx1_29_7)]
     disable_stock_cache(cf, uscf);
 
     if kcf.max_cached == 0 {
@@ -296,8 +297,9 @@ unsafe fn upstream_srv_conf(cf: *mut ngx_conf_t) -> *mut ngx_http_upstream_srv_c
 /// From nginx 1.29.7 the stock module enables itself for every upstream
 /// whose `max_cached` is not 0, and would then wrap ours and take every
 /// connection. Its server conf has begun with `ngx_uint_t max_cached` since
-/// 1.1.4, so writing 0 there is the switch; on older versions it is already
-/// 0 because the stock directive never ran.
+/// 1.1.4, so writing 0 there is the switch. Before 1.29.7 it is 0 already,
+/// because the stock directive never ran, so this is only built from 1.29.7.
+#[cfg(nginx1_29_7)]
 fn disable_stock_cache(cf: *mut ngx_conf_t, uscf: *mut ngx_http_upstream_srv_conf_t) {
     // SAFETY: walks cycle->modules (NULL-terminated) and indexes the
     // upstream's srv_conf array by a module's ctx_index, as nginx does.
