@@ -2,7 +2,8 @@
 
 # Tests for upstream keepalive with load balancing: the balancer (round
 # robin, hash, ip_hash, least_conn, random) always chooses the server
-# first, and only an idle connection to that very server is reused.
+# first, and only an idle connection to that very server is reused.  A
+# balancer placed after "keepalive" replaces it, as with nginx's own module.
 
 ###############################################################################
 
@@ -15,7 +16,9 @@ use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
 use Test::Nginx;
-use Test::Nginx::Backend qw/ http_backend conn_of req_of backend_log_count /;
+use Test::Nginx::Backend qw/ http_backend conn_of req_of backend_log_count
+	backend_log_wait /;
+use Test::Nginx::Keepalive qw/ errlog_delta /;
 
 ###############################################################################
 
@@ -77,6 +80,14 @@ http {
         keepalive 4;
     }
 
+    # a balancer after keepalive takes the place keepalive had wrapped
+    # (nginx warns "load balancing method redefined"): nothing is kept
+    upstream hash_after {
+        server 127.0.0.1:8091;
+        keepalive 4;
+        hash $arg_k;
+    }
+
     server {
         listen       127.0.0.1:8080;
         server_name  localhost;
@@ -107,6 +118,10 @@ http {
         location /random/ {
             proxy_pass http://random/;
         }
+
+        location /hash_after/ {
+            proxy_pass http://hash_after/;
+        }
     }
 }
 
@@ -114,15 +129,15 @@ EOF
 
 my $d = $t->testdir();
 
-for my $p (8081 .. 8090) {
+for my $p (8081 .. 8091) {
 	$t->run_daemon(\&http_backend, port($p), log => "$d/$p.log");
 }
 
 $t->run();
 
-$t->waitforsocket('127.0.0.1:' . port($_)) for 8081 .. 8090;
+$t->waitforsocket('127.0.0.1:' . port($_)) for 8081 .. 8091;
 
-$t->plan(19);
+$t->plan(24);
 
 ###############################################################################
 
@@ -215,6 +230,27 @@ ok($ok, 'random: each server\'s connection reused');
 is(join(' ', sort keys %seen), '8089 8090', 'random: both servers used');
 is(requests(8089) + requests(8090), 20, 'random: all requests seen');
 
+# hash after keepalive: the balancer replaced the keepalive wrapper at
+# configuration time, so no request goes through a keepalive peer (nginx's
+# module logs "get keepalive peer", this one "get keepalive slice peer")
+# and every request opens a connection of its own, closed after it
+
+like($t->read_file('error.log'),
+	qr/\[warn\].*load balancing method redefined/,
+	'hash after keepalive: redefined warning');
+
+my $peers = errlog_delta($t, qr/get keepalive (?:slice )?peer/, sub {
+	@r = map { http_get('/hash_after/?k=a') } 1 .. 3;
+});
+
+is(join(' ', map { conn_of($_) // 'none' } @r), '1 2 3',
+	'hash after keepalive: connections not reused');
+is(join(' ', map { req_of($_) // 'none' } @r), '1 1 1',
+	'hash after keepalive: one request per connection');
+is($peers, 0, 'hash after keepalive: keepalive peer not used');
+is(backend_log_wait("$d/8091.log", qr/^close conn=[123] reason=eof$/, 3), 3,
+	'hash after keepalive: connections closed');
+
 ###############################################################################
 
 # the logical port (8081...) of the backend that answered
@@ -224,7 +260,7 @@ sub port_name {
 	return 'none' unless defined $r;
 	my ($head) = split /\r?\n\r?\n/, $r, 2;
 	my ($p) = $head =~ /^X-Port:\s*(\d+)/mi or return 'none';
-	for my $n (8081 .. 8090) {
+	for my $n (8081 .. 8091) {
 		return $n if port($n) == $p;
 	}
 	return 'none';

@@ -18,7 +18,7 @@ use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 
 use Test::Nginx;
-use Test::Nginx::Keepalive qw/ header_of errlog_wait /;
+use Test::Nginx::Keepalive qw/ header_of errlog_wait ssl_certificates /;
 
 ###############################################################################
 
@@ -88,23 +88,7 @@ http {
 
 EOF
 
-$t->write_file('openssl.conf', <<EOF);
-[ req ]
-default_bits = 2048
-encrypt_key = no
-distinguished_name = req_distinguished_name
-[ req_distinguished_name ]
-EOF
-
-my $d = $t->testdir();
-
-foreach my $name ('localhost') {
-	system('openssl req -x509 -new '
-		. "-config $d/openssl.conf -subj /CN=$name/ "
-		. "-out $d/$name.crt -keyout $d/$name.key "
-		. ">>$d/openssl.out 2>&1") == 0
-		or die "Can't create certificate for $name: $!\n";
-}
+ssl_certificates($t, 'localhost');
 
 $t->run()->plan(18);
 

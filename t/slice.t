@@ -2,7 +2,9 @@
 
 # Tests for upstream keepalive: slicing of the idle connection cache by key
 # (slice_key, slice_conn), per-host reuse, mpm-itk style backends, local,
-# several servers, buffered and unbuffered responses, the global limit.
+# several servers, buffered and unbuffered responses, the global limit,
+# the key evaluated once per request even when the request tries two
+# servers.
 
 ###############################################################################
 
@@ -17,7 +19,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's
 use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
 use Test::Nginx::Keepalive qw/ http_get_host http_post_host parallel_get
-	status_of header_of errlog_delta /;
+	status_of header_of errlog_count errlog_delta /;
 
 ###############################################################################
 
@@ -101,6 +103,15 @@ http {
         keepalive 2 slice_key=$host slice_conn=2;
     }
 
+    # nothing listens on 8097: every request tries it first (max_fails=0
+    # never takes it out of rotation), then goes on to the backup
+
+    upstream u_retry {
+        server 127.0.0.1:8097 max_fails=0;
+        server 127.0.0.1:8096 backup;
+        keepalive 8 slice_key=$host slice_conn=2;
+    }
+
     server {
         listen       127.0.0.1:8080;
         listen       127.0.0.1:8091;
@@ -134,6 +145,11 @@ http {
         }
 
         location /lru/    { proxy_pass http://u_lru/; }
+
+        location /retry/ {
+            proxy_pass http://u_retry/;
+            proxy_next_upstream error;
+        }
     }
 }
 
@@ -144,6 +160,7 @@ my %backends = (
 	8081 => {}, 8082 => { vhost_bind => 1 }, 8083 => { vhost_bind => 1 },
 	8084 => {}, 8085 => {}, 8086 => {}, 8087 => {}, 8088 => {},
 	8089 => {}, 8092 => {}, 8093 => {}, 8094 => {}, 8095 => {},
+	8096 => {},
 );
 
 for my $p (sort keys %backends) {
@@ -154,7 +171,7 @@ for my $p (sort keys %backends) {
 $t->run();
 $t->waitforsocket('127.0.0.1:' . port($_)) for sort keys %backends;
 
-$t->plan(49);
+$t->plan(55);
 
 ###############################################################################
 
@@ -424,5 +441,36 @@ is(backend_log_wait("$d/b8093.log", qr/^close conn=2 /, 1), 1,
 is(conn_of(http_get_host('c.example', '/lru/x')), 3, 'lru: c still reuses');
 is(conn_of(http_get_host('a.example', '/lru/x')), 4,
 	'lru: a reuses its new one');
+
+# the key is evaluated once per request, when the balancer's peer data is
+# set up, not on each try nor when the connection is freed: every request
+# below tries two servers (8097 refuses the connection) and logs one key;
+# the connection to the backup is kept in the key's bucket and reused by
+# the host's next request
+
+my %retry_re = (
+	key => qr/keepalive slice key: /,
+	tries => qr/get keepalive slice peer$/m,
+	refused => qr/connect\(\) failed \(111: Connection refused\)/,
+	reused => qr/get keepalive slice peer: using connection/,
+);
+my (@retry_conns, %retry);
+
+for my $host (qw/ a.example a.example b.example a.example b.example /) {
+	my %before = map { $_ => errlog_count($t, $retry_re{$_}) }
+		keys %retry_re;
+	my $r = http_get_host($host, '/retry/x');
+	push @retry_conns, conn_of($r) // 'none';
+	push @{$retry{$_}}, errlog_count($t, $retry_re{$_}) - $before{$_}
+		for keys %retry_re;
+}
+
+is("@{$retry{refused}}", '1 1 1 1 1', 'retry: first server refused');
+is("@{$retry{tries}}", '2 2 2 2 2', 'retry: two tries per request');
+is("@{$retry{key}}", '1 1 1 1 1', 'retry: key evaluated once per request');
+is("@retry_conns", '1 1 2 1 2', 'retry: connections kept per host');
+is("@{$retry{reused}}", '0 1 0 1 1', 'retry: reused on the second try');
+is(backend_log_count("$d/b8096.log", qr/^accept /), 2,
+	'retry: two connections opened');
 
 ###############################################################################

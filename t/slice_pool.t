@@ -2,7 +2,8 @@
 
 # Tests for upstream keepalive: the pool of slice buckets (slice_poolsize),
 # buckets returning to the pool when their last idle connection leaves
-# (timeout, reuse, eviction), and key truncation (slice_keylen).
+# (timeout, close by the backend, reuse, eviction), slice_poolsize=0, a
+# full cache with a full pool, and key truncation (slice_keylen).
 
 ###############################################################################
 
@@ -16,7 +17,8 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's
 
 use Test::Nginx qw/ :DEFAULT http_end /;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
-use Test::Nginx::Keepalive qw/ http_get_host parallel_get errlog_delta /;
+use Test::Nginx::Keepalive qw/ http_get_host parallel_get header_of
+	errlog_count errlog_delta errlog_wait /;
 
 ###############################################################################
 
@@ -70,6 +72,22 @@ http {
         keepalive 8 slice_key=$host slice_conn=1;
     }
 
+    upstream u_bclose {
+        server 127.0.0.1:8087;
+        keepalive 8 slice_key=$host slice_conn=2 slice_poolsize=1;
+        keepalive_timeout 60s;
+    }
+
+    upstream u_zero {
+        server 127.0.0.1:8088;
+        keepalive 8 slice_key=$host slice_conn=2 slice_poolsize=0;
+    }
+
+    upstream u_full {
+        server 127.0.0.1:8089;
+        keepalive 2 slice_key=$host slice_conn=2 slice_poolsize=2;
+    }
+
     server {
         listen       127.0.0.1:8080;
         server_name  localhost;
@@ -84,22 +102,40 @@ http {
         location /len/   { proxy_pass http://u_len/; }
         location /def/   { proxy_pass http://u_def/; }
         location /def40/ { proxy_pass http://u_def40/; }
+        location /bclose/ { proxy_pass http://u_bclose/; }
+        location /zero/  { proxy_pass http://u_zero/; }
+        location /full/  { proxy_pass http://u_full/; }
+    }
+
+    # the backend of u_bclose: closes idle connections itself after 1s,
+    # long before the upstream's keepalive_timeout
+
+    server {
+        listen       127.0.0.1:8087;
+        server_name  localhost;
+
+        keepalive_timeout 1s;
+
+        location / {
+            add_header X-Conn $connection always;
+            return 200 "backend $host $uri\n";
+        }
     }
 }
 
 EOF
 
 my $d = $t->testdir();
-my @ports = (8081 .. 8086);
+my @ports = (8081 .. 8086, 8088, 8089);
 
 for my $p (@ports) {
 	$t->run_daemon(\&http_backend, port($p), log => "$d/b$p.log");
 }
 
 $t->run();
-$t->waitforsocket('127.0.0.1:' . port($_)) for @ports;
+$t->waitforsocket('127.0.0.1:' . port($_)) for @ports, 8087;
 
-$t->plan(31);
+$t->plan(52);
 
 ###############################################################################
 
@@ -107,13 +143,74 @@ sub conn {
 	return conn_of(http_get_host(@_)) // 0;
 }
 
+my ($n, @c);
+
 sub no_bucket {
 	my ($key, $n) = @_;
 	$n //= 2;
 	return qr/\[info\].*keepalive: connection not kept, no free bucket for key "\Q$key\E" \(slice_poolsize=$n in use\)/;
 }
 
+# The backend's connection number for u_bclose; a response without it
+# compares equal to nothing (two failed requests must not look like one
+# reused connection).
+sub bconn {
+	my ($host, $name) = @_;
+	return header_of(http_get_host($host, '/bclose/x'), 'X-Conn')
+		// "$name: no X-Conn";
+}
+
 ###############################################################################
+
+# a bucket goes back to the pool when the backend closes its idle
+# connection: poolsize 1, a holds the only bucket, b's connections are
+# not kept; once the backend (keepalive_timeout 1s) closed a's idle
+# connection, b's connection is kept
+
+# (first in this file: nothing else has an idle connection on a timer yet,
+# so the close handler run counted below is a's)
+
+my $ca = bconn('a.example', 'a1');
+my ($cb1, $cb2);
+
+$n = errlog_delta($t, no_bucket('b.example', 1), sub {
+	$cb1 = bconn('b.example', 'b1');
+	$cb2 = bconn('b.example', 'b2');
+});
+ok($cb1 ne $ca && $cb2 ne $ca && $cb1 ne $cb2,
+	'backend close: b not kept while a holds the bucket');
+is($n, 2, 'backend close: no free bucket for b logged');
+
+my $closes = errlog_count($t, qr/keepalive slice close handler/);
+is(bconn('a.example', 'a2'), $ca, 'backend close: a reuses');
+
+# the backend's connections are numbered like its log lines (*N)
+
+like($ca, qr/^\d+$/, 'backend close: backend connection number');
+is(errlog_wait($t, qr/\*$ca close http connection:/, 1), 1,
+	'backend close: backend closed a\'s idle connection');
+is(errlog_wait($t, qr/keepalive slice close handler/, $closes + 1),
+	$closes + 1, 'backend close: idle connection closed in the upstream');
+
+my @cb;
+$n = errlog_delta($t, no_bucket('b.example', 1), sub {
+	@cb = map { bconn('b.example', "b$_") } 3 .. 5;
+});
+ok($cb[0] ne $ca && $cb[0] ne $cb1 && $cb[0] ne $cb2,
+	'backend close: b opens a new connection');
+is("@cb[1, 2]", "$cb[0] $cb[0]", 'backend close: b kept and reused');
+is($n, 0, 'backend close: no refusal for b');
+
+# now b holds the only bucket
+
+my ($ca2, $ca3);
+$n = errlog_delta($t, no_bucket('a.example', 1), sub {
+	$ca2 = bconn('a.example', 'a3');
+	$ca3 = bconn('a.example', 'a4');
+});
+ok($ca2 ne $ca && $ca2 ne $cb[0] && $ca3 ne $ca2,
+	'backend close: a not kept while b holds the bucket');
+is($n, 2, 'backend close: no free bucket for a logged');
 
 # poolsize 2: a third key finds no bucket while two keys hold idle
 # connections; once those time out, its connections are kept again
@@ -121,8 +218,7 @@ sub no_bucket {
 is(conn('a.example', '/pool/x'), 1, 'pool: a opens');
 is(conn('b.example', '/pool/x'), 2, 'pool: b opens');
 
-my @c;
-my $n = errlog_delta($t, no_bucket('c.example'), sub {
+$n = errlog_delta($t, no_bucket('c.example'), sub {
 	@c = map { conn('c.example', '/pool/x') } 1 .. 2;
 });
 is("@c", '3 4', 'pool: c not reused while the pool is full');
@@ -208,5 +304,38 @@ my $k = 'k' x 39;
 @h = map { conn($_, '/def40/x') }
 	("${k}k.one.example", "${k}k.two.example", "${k}j.one.example");
 is("@h", '1 1 2', 'default keylen: 40 bytes compared');
+
+# slice_poolsize=0 is accepted and keeps nothing
+
+my @z;
+$n = errlog_delta($t, no_bucket('a.example', 0), sub {
+	@z = map { conn('a.example', '/zero/x') } 1 .. 3;
+});
+is("@z", '1 2 3', 'poolsize 0: never reused');
+is($n, 3, 'poolsize 0: no free bucket logged');
+is(backend_log_wait("$d/b8088.log", qr/^close conn=[123] reason=eof$/, 3), 3,
+	'poolsize 0: connections closed');
+
+# cache full (keepalive 2) and pool full (2 buckets) at once: a connection
+# for a third key is not kept, and nothing is evicted for it
+
+is(conn('a.example', '/full/x'), 1, 'full: a opens');
+is(conn('b.example', '/full/x'), 2, 'full: b opens');
+
+my $evicted;
+$n = errlog_delta($t, no_bucket('c.example'), sub {
+	$evicted = errlog_delta($t, qr/keepalive slice: evicting connection/,
+		sub { @c = map { conn('c.example', '/full/x') } 1 .. 2; });
+});
+is("@c", '3 4', 'full: c not kept');
+is($n, 2, 'full: no free bucket logged');
+is($evicted, 0, 'full: nothing evicted');
+is(backend_log_wait("$d/b8089.log", qr/^close conn=[34] /, 2), 2,
+	'full: c connections closed');
+
+is(conn('a.example', '/full/x'), 1, 'full: a still reuses');
+is(conn('b.example', '/full/x'), 2, 'full: b still reuses');
+is(backend_log_count("$d/b8089.log", qr/^close conn=[12] /), 0,
+	'full: a and b connections open');
 
 ###############################################################################

@@ -9,9 +9,10 @@ package Test::Nginx::Keepalive;
 # the assertions.
 #
 # Only Test::Nginx's public API is used (http, http_start, http_end,
-# $t->testdir, $t->read_file, $t->write_file_expand), so the suites keep
-# running with nginx's own lib/Test/Nginx.pm in place of ours.  Subs that
-# need the test's Test::Nginx object take it as their first argument.
+# $t->testdir, $t->read_file, $t->write_file, $t->write_file_expand), so
+# the suites keep running with nginx's own lib/Test/Nginx.pm in place of
+# ours.  Subs that need the test's Test::Nginx object take it as their
+# first argument.
 #
 # Typical use, after "use Test::Nginx ...;":
 #
@@ -33,6 +34,7 @@ our @EXPORT_OK = qw/
 	status_of header_of
 	errlog_count errlog_delta errlog_wait
 	nginx_test_config
+	ssl_certificates
 /;
 
 ###############################################################################
@@ -107,7 +109,8 @@ sub header_of {
 # The log only grows and is shared by everything a test file does, so what
 # one step logged is the difference of two counts.
 
-# Number of matches of $re in the test's error.log.
+# Number of matches of $re in the test's error.log.  The log is matched as
+# one string: a qr// with ^ or $ needs its own /m, or it matches nothing.
 sub errlog_count {
 	my ($t, $re) = @_;
 	return scalar(() = $t->read_file('error.log') =~ /$re/gm);
@@ -169,6 +172,36 @@ sub nginx_test_config {
 	unlink "$d/nginx.pid";
 
 	return ($status, $out);
+}
+
+###############################################################################
+# SSL upstreams.
+
+# ssl_certificates($t, @names): a self-signed certificate and its key for
+# each name, written as <name>.crt and <name>.key into the test directory
+# (for "ssl_certificate <name>.crt;" in a server block of the test's
+# nginx.conf).  Dies if openssl fails; openssl's output goes to
+# openssl.out in the test directory.
+sub ssl_certificates {
+	my ($t, @names) = @_;
+
+	my $d = $t->testdir();
+
+	$t->write_file('openssl.conf', <<EOF);
+[ req ]
+default_bits = 2048
+encrypt_key = no
+distinguished_name = req_distinguished_name
+[ req_distinguished_name ]
+EOF
+
+	foreach my $name (@names) {
+		system('openssl req -x509 -new '
+			. "-config $d/openssl.conf -subj /CN=$name/ "
+			. "-out $d/$name.crt -keyout $d/$name.key "
+			. ">>$d/openssl.out 2>&1") == 0
+			or die "Can't create certificate for $name: $!\n";
+	}
 }
 
 ###############################################################################
