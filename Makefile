@@ -6,6 +6,8 @@
 #   make check   cargo fmt --check and cargo clippy -D warnings
 #   make demo    real Apache mpm-itk behind stock-style and sliced keepalive
 #   make bench   wrk throughput, stock keepalive vs. this module
+#   make test-without-stock   the suites against nginx built without the stock module
+#   make test-debian          the suites against Debian's packaged nginx (1.22.1 on bookworm)
 #
 # Your own nginx instead of the vendored one (configured --with-compat):
 #   make build NGINX_SOURCE_DIR=/path/to/nginx NGINX_BUILD_DIR=/path/to/nginx/objs
@@ -41,7 +43,7 @@ endif
 TEST_GLOBALS = load_module $(CURDIR)/objs/$(MODULE).so; $(ROOT_GLOBALS)
 
 .PHONY: all build test unit prove check demo bench deps deps-demo deps-bench clean \
-	test-without-stock
+	test-without-stock test-debian
 
 all: build
 
@@ -94,6 +96,27 @@ test-without-stock: deps
 		$(CARGO) build --release --no-default-features --features export-modules
 	TEST_NGINX_BINARY=$(WITHOUT_DIR)/objs/nginx \
 	TEST_NGINX_GLOBALS="load_module $(WITHOUT_DIR)/cargo/release/lib$(MODULE).so; $(ROOT_GLOBALS)" \
+	PERL5LIB=$(CURDIR)/t/lib \
+	prove -j$(PROVE_JOBS) t/
+
+# The nginx people already run: Debian's packaged nginx (/usr/sbin/nginx),
+# with the module built against Debian's nginx-dev tree configured with the
+# package's own flags. Test::Nginx loads the package's dynamic modules from
+# TEST_NGINX_MODULES, as nginx's own test library does.
+DEBIAN_PACKAGES = nginx-core nginx-dev libnginx-mod-http-perl
+DEBIAN_DIR = $(CURDIR)/target/nginx-debian
+
+test-debian: deps
+	@sh .ci/packages $(DEBIAN_PACKAGES)
+	rm -rf $(DEBIAN_DIR)/src && mkdir -p $(DEBIAN_DIR) && cp -r /usr/share/nginx/src $(DEBIAN_DIR)/src
+	cd $(DEBIAN_DIR)/src && bash -c '. ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}"' > configure.log
+	NGINX_SOURCE_DIR=$(DEBIAN_DIR)/src NGINX_BUILD_DIR=$(DEBIAN_DIR)/src/objs \
+	CARGO_TARGET_DIR=$(DEBIAN_DIR)/cargo \
+		$(CARGO) build --release --no-default-features --features export-modules
+	cp -f $(DEBIAN_DIR)/cargo/release/lib$(MODULE).so $(DEBIAN_DIR)/$(MODULE).so
+	TEST_NGINX_BINARY=/usr/sbin/nginx \
+	TEST_NGINX_MODULES=/usr/lib/nginx/modules \
+	TEST_NGINX_GLOBALS="load_module $(DEBIAN_DIR)/$(MODULE).so; $(ROOT_GLOBALS)" \
 	PERL5LIB=$(CURDIR)/t/lib \
 	prove -j$(PROVE_JOBS) t/
 
