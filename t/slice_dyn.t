@@ -137,29 +137,23 @@ $n = errlog_delta($t, $zero, sub {
 is("@zero", '4 5', 'dyn 0: not reused');
 is($n, 2, 'dyn 0: logged for each');
 
-# not a number
+# not a number, and empty: not kept, one warning per request, the request
+# itself unaffected
 
-my $warn_abc = qr/\[warn\].*keepalive: "slice_dyn" variable "\$conn" is "abc", not a number, connection not kept/;
-my @bad;
-$n = errlog_delta($t, $warn_abc, sub {
-	@bad = map { http_get_host('x.bad.com', '/dyn/x') } 1 .. 2
-});
-is(join(' ', map { status_of($_) // 0 } @bad), '200 200',
-	'dyn abc: requests 200');
-is(join(' ', map { conn_of($_) // 0 } @bad), '6 7', 'dyn abc: not reused');
-is($n, 2, 'dyn abc: one warning per request');
-
-# empty
-
-my $warn_empty = qr/\[warn\].*keepalive: "slice_dyn" variable "\$conn" is "", not a number, connection not kept/;
-my @empty;
-$n = errlog_delta($t, $warn_empty, sub {
-	@empty = map { http_get_host('y.empty.com', '/dyn/x') } 1 .. 2
-});
-is(join(' ', map { status_of($_) // 0 } @empty), '200 200',
-	'dyn empty: requests 200');
-is(join(' ', map { conn_of($_) // 0 } @empty), '8 9', 'dyn empty: not reused');
-is($n, 2, 'dyn empty: one warning per request');
+for my $case ([ 'abc', 'x.bad.com', 'abc', '6 7' ],
+	[ 'empty', 'y.empty.com', '', '8 9' ])
+{
+	my ($label, $host, $value, $conns) = @$case;
+	my $warn = qr/\[warn\].*keepalive: "slice_dyn" variable "\$conn" is "\Q$value\E", not a number, connection not kept/;
+	my @r;
+	$n = errlog_delta($t, $warn, sub {
+		@r = map { http_get_host($host, '/dyn/x') } 1 .. 2
+	});
+	is(join(' ', map { status_of($_) // 0 } @r), '200 200',
+		"dyn $label: requests 200");
+	is(join(' ', map { conn_of($_) // 0 } @r), $conns, "dyn $label: not reused");
+	is($n, 2, "dyn $label: one warning per request");
+}
 
 is(backend_log_wait("$d/b8081.log", qr/^close /, 7), 7,
 	'dyn: refused connections closed');
