@@ -127,8 +127,8 @@ check:
 demo: deps deps-demo build
 	perl demo/demo.pl
 
-bench: deps deps-bench build
-	perl bench/bench.pl
+# Further targets, one file per concern (bench, memory checking, ...).
+-include mk/*.mk
 
 clean:
 	$(CARGO) clean
