@@ -10,10 +10,22 @@
 //! The result still holds the raw `slice_key` text and `slice_dyn` variable
 //! name: compiling them needs nginx and happens in the directive handler.
 
-use std::fmt;
+use std::fmt::{self, Write};
 
 pub const DEFAULT_POOLSIZE: usize = 20;
 pub const DEFAULT_KEYLEN: usize = 40;
+
+/// Largest `keepalive` count (and `slice_conn`). Idle connections also
+/// count against `worker_connections`; beyond this the cache's fixed
+/// memory (about 230 bytes a connection, allocated per worker) is what an
+/// absurd value would really buy.
+pub const MAX_CONNECTIONS: usize = 1 << 20;
+/// Largest `slice_poolsize`: buckets beyond the connections they could
+/// hold are memory nobody uses.
+pub const MAX_POOLSIZE: usize = 1 << 16;
+/// Largest `slice_keylen`: longer than any host name (255 bytes), room for
+/// keys built from several variables; `slice_poolsize` x this is allocated.
+pub const MAX_KEYLEN: usize = 4096;
 
 /// The parsed `keepalive` directive.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -47,6 +59,14 @@ pub enum ArgError<'a> {
         name: &'static str,
         value: &'a [u8],
     },
+    /// The count is above [`MAX_CONNECTIONS`].
+    CountTooLarge(&'a [u8]),
+    /// A `slice_*` number is above its limit.
+    NumberTooLarge {
+        name: &'static str,
+        value: &'a [u8],
+        max: usize,
+    },
     ZeroKeylen,
     EmptyKey,
     NotAVariable(&'a [u8]),
@@ -56,11 +76,23 @@ pub enum ArgError<'a> {
 
 impl fmt::Display for ArgError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let s = |b: &[u8]| printable(b);
         match self {
             ArgError::InvalidCount(v) => {
                 write!(f, "invalid value \"{}\" in \"keepalive\" directive", s(v))
             }
+            ArgError::CountTooLarge(v) => write!(
+                f,
+                "invalid value \"{}\" in \"keepalive\" directive, \
+                 the maximum is {MAX_CONNECTIONS}",
+                s(v)
+            ),
+            ArgError::NumberTooLarge { name, value, max } => write!(
+                f,
+                "invalid value \"{}\" of \"{name}\" in \"keepalive\" directive, \
+                 the maximum is {max}",
+                s(value)
+            ),
             ArgError::InvalidParameter(v) => {
                 write!(
                     f,
@@ -106,6 +138,26 @@ impl fmt::Display for ArgError<'_> {
     }
 }
 
+/// A configuration value as it may appear in a log line: control bytes
+/// (a NUL, a newline) and invalid UTF-8 are escaped as `\xNN`, so one
+/// bad value cannot forge or cut log lines.
+fn printable(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
 /// Parses a non-negative decimal number as nginx's `ngx_atoi` does.
 pub fn parse_number(value: &[u8]) -> Option<usize> {
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
@@ -116,10 +168,30 @@ pub fn parse_number(value: &[u8]) -> Option<usize> {
     })
 }
 
+enum Bounded {
+    Within(usize),
+    /// Digits only, but above the limit (or beyond `usize`).
+    Above,
+    NotANumber,
+}
+
+fn bounded_number(value: &[u8], max: usize) -> Bounded {
+    match parse_number(value) {
+        Some(n) if n <= max => Bounded::Within(n),
+        Some(_) => Bounded::Above,
+        None if !value.is_empty() && value.iter().all(u8::is_ascii_digit) => Bounded::Above,
+        None => Bounded::NotANumber,
+    }
+}
+
 /// Parses the directive's arguments (without the directive name).
 pub fn parse_keepalive<'a>(args: &[&'a [u8]]) -> Result<KeepaliveArgs<'a>, ArgError<'a>> {
     let (&count, params) = args.split_first().ok_or(ArgError::InvalidCount(b""))?;
-    let connections = parse_number(count).ok_or(ArgError::InvalidCount(count))?;
+    let connections = match bounded_number(count, MAX_CONNECTIONS) {
+        Bounded::Within(n) => n,
+        Bounded::Above => return Err(ArgError::CountTooLarge(count)),
+        Bounded::NotANumber => return Err(ArgError::InvalidCount(count)),
+    };
 
     let mut local = false;
     let mut key = None;
@@ -142,8 +214,11 @@ pub fn parse_keepalive<'a>(args: &[&'a [u8]]) -> Result<KeepaliveArgs<'a>, ArgEr
         };
         let (name, value) = (&param[..eq], &param[eq + 1..]);
 
-        let number =
-            |name: &'static str| parse_number(value).ok_or(ArgError::InvalidNumber { name, value });
+        let number = |name: &'static str, max: usize| match bounded_number(value, max) {
+            Bounded::Within(n) => Ok(n),
+            Bounded::Above => Err(ArgError::NumberTooLarge { name, value, max }),
+            Bounded::NotANumber => Err(ArgError::InvalidNumber { name, value }),
+        };
 
         let seen = match name {
             b"slice_key" => {
@@ -152,7 +227,9 @@ pub fn parse_keepalive<'a>(args: &[&'a [u8]]) -> Result<KeepaliveArgs<'a>, ArgEr
                 }
                 key.replace(value).is_some()
             }
-            b"slice_conn" => conn.replace(number("slice_conn")?).is_some(),
+            b"slice_conn" => conn
+                .replace(number("slice_conn", MAX_CONNECTIONS)?)
+                .is_some(),
             b"slice_dyn" => {
                 let var = value
                     .strip_prefix(b"$")
@@ -160,9 +237,11 @@ pub fn parse_keepalive<'a>(args: &[&'a [u8]]) -> Result<KeepaliveArgs<'a>, ArgEr
                     .ok_or(ArgError::NotAVariable(value))?;
                 dyn_var.replace(var).is_some()
             }
-            b"slice_poolsize" => poolsize.replace(number("slice_poolsize")?).is_some(),
+            b"slice_poolsize" => poolsize
+                .replace(number("slice_poolsize", MAX_POOLSIZE)?)
+                .is_some(),
             b"slice_keylen" => {
-                let n = number("slice_keylen")?;
+                let n = number("slice_keylen", MAX_KEYLEN)?;
                 if n == 0 {
                     return Err(ArgError::ZeroKeylen);
                 }
@@ -238,7 +317,11 @@ mod tests {
             parse("-1").unwrap_err(),
             "invalid value \"-1\" in \"keepalive\" directive"
         );
-        assert!(parse("99999999999999999999999").is_err());
+        assert_eq!(
+            parse("99999999999999999999999").unwrap_err(),
+            "invalid value \"99999999999999999999999\" in \"keepalive\" directive, \
+             the maximum is 1048576"
+        );
     }
 
     #[test]
@@ -327,5 +410,222 @@ mod tests {
             parse("8 slice_key= slice_conn=1").unwrap_err(),
             "empty \"slice_key\" value in \"keepalive\" directive"
         );
+    }
+
+    #[test]
+    fn absurd_values_name_the_limit() {
+        assert_eq!(parse("1048576").unwrap().connections, MAX_CONNECTIONS);
+        assert_eq!(
+            parse("100000000").unwrap_err(),
+            "invalid value \"100000000\" in \"keepalive\" directive, the maximum is 1048576"
+        );
+        assert_eq!(
+            parse("8 slice_key=$host slice_conn=1 slice_keylen=1048576").unwrap_err(),
+            "invalid value \"1048576\" of \"slice_keylen\" in \"keepalive\" directive, \
+             the maximum is 4096"
+        );
+        assert_eq!(
+            parse("8 slice_key=$host slice_conn=1 slice_poolsize=65537").unwrap_err(),
+            "invalid value \"65537\" of \"slice_poolsize\" in \"keepalive\" directive, \
+             the maximum is 65536"
+        );
+        assert_eq!(
+            parse("8 slice_key=$host slice_conn=1048577").unwrap_err(),
+            "invalid value \"1048577\" of \"slice_conn\" in \"keepalive\" directive, \
+             the maximum is 1048576"
+        );
+        let s =
+            parse("8 slice_key=$host slice_conn=1048576 slice_poolsize=65536 slice_keylen=4096")
+                .unwrap()
+                .slice
+                .unwrap();
+        assert_eq!(
+            (s.conn, s.poolsize, s.keylen),
+            (Some(MAX_CONNECTIONS), MAX_POOLSIZE, MAX_KEYLEN)
+        );
+    }
+
+    #[test]
+    fn log_lines_cannot_be_forged() {
+        let args: [&[u8]; 2] = [b"8", b"bad\nvalue\0\xff"];
+        assert_eq!(
+            parse_keepalive(&args).unwrap_err().to_string(),
+            "invalid parameter \"bad\\x0avalue\\x00\\xff\" in \"keepalive\" directive"
+        );
+    }
+
+    /// splitmix64: a fixed sequence, so a failure is reproducible.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn pick<'a>(&mut self, items: &[&'a [u8]]) -> &'a [u8] {
+            items[self.below(items.len())]
+        }
+    }
+
+    const NAMES: &[&[u8]] = &[
+        b"local",
+        b"slice_key",
+        b"slice_conn",
+        b"slice_dyn",
+        b"slice_poolsize",
+        b"slice_keylen",
+        b"slice_",
+        b"SLICE_CONN",
+        b"",
+        b"=",
+    ];
+
+    const VALUES: &[&[u8]] = &[
+        b"",
+        b"0",
+        b"1",
+        b"8",
+        b"4096",
+        b"4097",
+        b"65536",
+        b"65537",
+        b"1048576",
+        b"1048577",
+        b"18446744073709551615",
+        b"18446744073709551616",
+        b"99999999999999999999999999",
+        b"-1",
+        b"+1",
+        b"0x10",
+        b" 1",
+        b"1\0",
+        b"$host",
+        b"$",
+        b"$$",
+        b"=",
+        b"a=b",
+        b"\0",
+        b"\n",
+        b"\xff\xfe",
+    ];
+
+    fn random_bytes(rng: &mut Rng, buf: &mut Vec<u8>) {
+        buf.clear();
+        for _ in 0..rng.below(12) {
+            buf.push(rng.next() as u8);
+        }
+    }
+
+    /// One random directive argument: a known or garbled name, with or
+    /// without `=`, a boundary or garbage value, or random bytes.
+    fn random_arg(rng: &mut Rng) -> Vec<u8> {
+        let mut arg = Vec::new();
+        match rng.below(8) {
+            0 => random_bytes(rng, &mut arg),
+            1 => arg.extend_from_slice(rng.pick(VALUES)),
+            2 => arg.extend_from_slice(rng.pick(NAMES)),
+            _ => {
+                arg.extend_from_slice(rng.pick(NAMES));
+                arg.push(b'=');
+                if rng.below(4) == 0 {
+                    let mut garbage = Vec::new();
+                    random_bytes(rng, &mut garbage);
+                    arg.extend_from_slice(&garbage);
+                } else {
+                    arg.extend_from_slice(rng.pick(VALUES));
+                }
+            }
+        }
+        arg
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        needle.is_empty() || haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// Whatever the input, the parser returns (never panics), and:
+    /// an error is a one-line message naming the directive and quoting the
+    /// offending text, which comes from the input; a success obeys every
+    /// limit and rule, and does not depend on the order of the parameters.
+    #[test]
+    fn hostile_input_property() {
+        let mut rng = Rng(0x6b65_6570_616c_6976);
+        let (mut accepted, mut refused) = (0, 0);
+        for _ in 0..200_000 {
+            let count = match rng.below(4) {
+                0 => random_arg(&mut rng),
+                _ => rng.pick(VALUES).to_vec(),
+            };
+            let mut owned = vec![count];
+            for _ in 0..rng.below(7) {
+                owned.push(random_arg(&mut rng));
+            }
+            let n = rng.below(owned.len() + 1);
+            let args: Vec<&[u8]> = owned[..n].iter().map(Vec::as_slice).collect();
+
+            match parse_keepalive(&args) {
+                Err(err) => {
+                    refused += 1;
+                    let text = err.to_string();
+                    assert!(text.contains("\"keepalive\" directive"), "{text}");
+                    assert!(!text.chars().any(char::is_control), "{text:?}");
+                    let quoted: &[u8] = match err {
+                        ArgError::InvalidCount(v) | ArgError::CountTooLarge(v) => {
+                            assert!(args.first().map_or(v.is_empty(), |c| *c == v));
+                            v
+                        }
+                        ArgError::InvalidParameter(v) => {
+                            assert!(args.contains(&v));
+                            v
+                        }
+                        ArgError::DuplicateParameter(v) => {
+                            assert!(NAMES[..6].contains(&v), "{text}");
+                            v
+                        }
+                        ArgError::InvalidNumber { name, value }
+                        | ArgError::NumberTooLarge { name, value, .. } => {
+                            assert!(text.contains(name), "{text}");
+                            assert!(args.iter().any(|a| contains(a, value)));
+                            value
+                        }
+                        ArgError::NotAVariable(v) => {
+                            assert!(args.iter().any(|a| contains(a, v)));
+                            v
+                        }
+                        ArgError::ZeroKeylen => b"slice_keylen=0",
+                        ArgError::EmptyKey => b"slice_key",
+                        ArgError::KeyWithoutLimit => b"slice_key",
+                        ArgError::SliceWithoutKey(name) => name.as_bytes(),
+                    };
+                    assert!(text.contains(&printable(quoted)), "{text}");
+                }
+                Ok(parsed) => {
+                    accepted += 1;
+                    assert!(parsed.connections <= MAX_CONNECTIONS);
+                    assert_eq!(parsed.local, args.contains(&&b"local"[..]));
+                    if let Some(s) = &parsed.slice {
+                        assert!(!s.key.is_empty());
+                        assert!(s.conn.is_some() || s.dyn_var.is_some());
+                        assert!(s.conn.is_none_or(|c| c <= MAX_CONNECTIONS));
+                        assert!(s.poolsize <= MAX_POOLSIZE);
+                        assert!((1..=MAX_KEYLEN).contains(&s.keylen));
+                    }
+                    let mut reversed = args.clone();
+                    reversed[1..].reverse();
+                    assert_eq!(parse_keepalive(&reversed), Ok(parsed));
+                }
+            }
+        }
+        // The generator must reach both outcomes, or the property proves
+        // little.
+        assert!(accepted > 1000 && refused > 1000, "{accepted} {refused}");
     }
 }

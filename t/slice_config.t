@@ -110,6 +110,18 @@ my @bad = (
 	[ 'keepalive 8 slice_key=$host slice_conn=1 slice_keylen=0;',
 		qr/invalid value "slice_keylen=0" in "keepalive" directive, must be at least 1/ ],
 
+	# absurd sizes are refused, naming the limit, before any memory is
+	# allocated for them
+
+	[ 'keepalive 100000000;',
+		qr/invalid value "100000000" in "keepalive" directive, the maximum is 1048576/ ],
+	[ 'keepalive 8 slice_key=$host slice_conn=1048577;',
+		qr/invalid value "1048577" of "slice_conn" in "keepalive" directive, the maximum is 1048576/ ],
+	[ 'keepalive 8 slice_key=$host slice_conn=1 slice_poolsize=65537;',
+		qr/invalid value "65537" of "slice_poolsize" in "keepalive" directive, the maximum is 65536/ ],
+	[ 'keepalive 8 slice_key=$host slice_conn=1 slice_keylen=1048576;',
+		qr/invalid value "1048576" of "slice_keylen" in "keepalive" directive, the maximum is 4096/ ],
+
 	# slice_dyn takes a variable, and it must exist
 
 	[ 'keepalive 8 slice_key=$host slice_dyn=conn;',
@@ -151,6 +163,10 @@ my @good = (
 	'keepalive 16 local slice_key=$server_name:$server_port '
 		. 'slice_dyn=$conn slice_conn=5 slice_poolsize=1 slice_keylen=1;',
 	'keepalive 8 slice_conn=1 slice_key=fixed;',
+
+	# the largest sizes allowed
+	'keepalive 1048576 slice_key=$host slice_conn=1048576 '
+		. 'slice_poolsize=65536 slice_keylen=4096;',
 );
 
 $t->plan(2 * @bad + @good);
