@@ -614,7 +614,7 @@ mod tests {
                     if let Some(s) = &parsed.slice {
                         assert!(!s.key.is_empty());
                         assert!(s.conn.is_some() || s.dyn_var.is_some());
-                        assert!(s.conn.is_none_or(|c| c <= MAX_CONNECTIONS));
+                        assert!(s.conn.unwrap_or(0) <= MAX_CONNECTIONS);
                         assert!(s.poolsize <= MAX_POOLSIZE);
                         assert!((1..=MAX_KEYLEN).contains(&s.keylen));
                     }

@@ -13,3 +13,15 @@ pub mod cache;
 mod module;
 #[cfg(not(test))]
 mod peer;
+
+#[cfg(test)]
+mod tests {
+    /// `objs/nginx -V` names the project version through nginx's `--build`
+    /// (set in .cargo/config.toml); it must not drift from Cargo.toml's.
+    #[test]
+    fn nginx_build_name_is_the_crate_version() {
+        let config = include_str!("../.cargo/config.toml");
+        let build = format!("--build=keepalive-slice-{}\"", env!("CARGO_PKG_VERSION"));
+        assert!(config.contains(&build), "{build} not in .cargo/config.toml");
+    }
+}

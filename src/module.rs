@@ -13,15 +13,15 @@ use core::mem::offset_of;
 use core::ptr;
 
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t,
+    ngx_command_t, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_cycle_t,
     ngx_http_compile_complex_value, ngx_http_compile_complex_value_t, ngx_http_complex_value_t,
     ngx_http_conf_ctx_t, ngx_http_get_variable_index, ngx_http_module_t,
     ngx_http_upstream_init_peer_pt, ngx_http_upstream_init_pt, ngx_http_upstream_init_round_robin,
     ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_module_t, ngx_msec_t,
     ngx_pcalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_TAKE1,
-    NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG,
+    NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG, NGX_LOG_NOTICE,
 };
-use ngx::{ngx_conf_log_error, ngx_string};
+use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
 
 use crate::args::{parse_keepalive, ArgError};
 use crate::peer;
@@ -141,8 +141,27 @@ pub static mut ngx_http_upstream_keepalive_slice_module: ngx_module_t = ngx_modu
     // nginx reads the command table during configuration, on one thread.
     commands: ptr::addr_of_mut!(COMMANDS) as *mut ngx_command_t,
     type_: NGX_HTTP_MODULE as ngx_uint_t,
+    init_module: Some(init_module),
     ..ngx_module_t::default()
 };
+
+/// This module's version, as `[notice]` startup lines name it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Says once per configuration load (start, reload, `nginx -t`), in the
+/// master, which version of the module is loaded and which nginx it was
+/// built for, so operators can tell what they run. Workers stay silent.
+unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: nginx calls init_module with the new, valid cycle.
+    let log = unsafe { (*cycle).log };
+    let built_for = ngx::ffi::NGINX_VERSION.to_str().unwrap_or("?");
+    ngx_log_error!(
+        NGX_LOG_NOTICE,
+        log,
+        "keepalive slice module {VERSION} (built for nginx {built_for})"
+    );
+    NGX_OK
+}
 
 /// A `*const` that may live in a static: the tables below are read-only
 /// data that nginx only reads, on the configuration thread.
