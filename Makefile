@@ -8,6 +8,9 @@
 #   make bench   wrk throughput, stock keepalive vs. this module
 #   make test-without-stock   the suites against nginx built without the stock module
 #   make test-debian          the suites against Debian's packaged nginx (1.22.1 on bookworm)
+#                             (also: make test NGINX=system)
+#   make test-nginx-build     nginx's own build system: --add-dynamic-module and
+#                             --add-module builds of the vendored source, smoke-tested
 #
 # Your own nginx instead of the vendored one (configured --with-compat):
 #   make build NGINX_SOURCE_DIR=/path/to/nginx NGINX_BUILD_DIR=/path/to/nginx/objs
@@ -43,7 +46,7 @@ endif
 TEST_GLOBALS = load_module $(CURDIR)/objs/$(MODULE).so; $(ROOT_GLOBALS)
 
 .PHONY: all build test unit prove check demo bench deps deps-demo deps-bench clean \
-	test-without-stock test-debian
+	test-without-stock test-debian test-nginx-build
 
 all: build
 
@@ -72,7 +75,13 @@ prove:
 	PERL5LIB=$(CURDIR)/t/lib$${PERL5LIB:+:$$PERL5LIB} \
 	prove -j$(PROVE_JOBS) t/
 
+# make test NGINX=system: the same, against the nginx installed by the
+# system's packages (Debian's) instead of the vendored one.
+ifeq ($(NGINX),system)
+test: deps unit test-debian
+else
 test: deps build unit prove
+endif
 
 # The same suites against an nginx built --without-http_upstream_keepalive_module
 # (from the vendored source), with the module built against that nginx: the
@@ -119,6 +128,38 @@ test-debian: deps
 	TEST_NGINX_GLOBALS="load_module $(DEBIAN_DIR)/$(MODULE).so; $(ROOT_GLOBALS)" \
 	PERL5LIB=$(CURDIR)/t/lib \
 	prove -j$(PROVE_JOBS) t/
+
+# nginx's own build system (the "config" file): a copy of the vendored
+# source configured once with --add-dynamic-module and once with
+# --add-module, each built by nginx's make (which runs cargo), then a smoke
+# subset of the suites against each. The statically linked module must own
+# "keepalive" ahead of the stock module it is linked beside.
+ADDON_DIR    = $(CURDIR)/target/nginx-build
+ADDON_SMOKE  = t/keepalive.t t/keepalive_config.t t/slice.t t/slice_config.t t/module_version.t
+ADDON_CONFIGURE = --with-debug --with-http_ssl_module --with-http_v2_module
+
+test-nginx-build: deps
+	set -e; \
+	src=$$($(CARGO) metadata --format-version 1 | perl -MJSON::PP -0777 -ne \
+		'for (@{decode_json($$_)->{packages}}) { print "$$1/nginx" \
+		if $$_->{name} eq "nginx-src" && $$_->{manifest_path} =~ m{(.*)/Cargo.toml$$} }'); \
+	for kind in dynamic static; do \
+		rm -rf $(ADDON_DIR)/$$kind; mkdir -p $(ADDON_DIR); cp -r $$src $(ADDON_DIR)/$$kind; \
+	done
+	cd $(ADDON_DIR)/dynamic && ./auto/configure $(ADDON_CONFIGURE) --with-compat \
+		--add-dynamic-module=$(CURDIR) > configure.log && $(MAKE) -j2 > make.log 2>&1
+	cd $(ADDON_DIR)/static && ./auto/configure $(ADDON_CONFIGURE) \
+		--add-module=$(CURDIR) > configure.log && $(MAKE) -j2 > make.log 2>&1
+	test -f $(ADDON_DIR)/dynamic/objs/$(MODULE).so
+	grep -q '&$(MODULE),' $(ADDON_DIR)/static/objs/ngx_modules.c
+	perl -0777 -ne 'exit !(/&$(MODULE),.*&ngx_http_upstream_keepalive_module,/s)' \
+		$(ADDON_DIR)/static/objs/ngx_modules.c
+	TEST_NGINX_BINARY=$(ADDON_DIR)/dynamic/objs/nginx \
+	TEST_NGINX_GLOBALS="load_module $(ADDON_DIR)/dynamic/objs/$(MODULE).so; $(ROOT_GLOBALS)" \
+	PERL5LIB=$(CURDIR)/t/lib prove -j$(PROVE_JOBS) $(ADDON_SMOKE)
+	TEST_NGINX_BINARY=$(ADDON_DIR)/static/objs/nginx \
+	TEST_NGINX_GLOBALS="$(ROOT_GLOBALS)" \
+	PERL5LIB=$(CURDIR)/t/lib prove -j$(PROVE_JOBS) $(ADDON_SMOKE)
 
 check:
 	$(CARGO) fmt --check

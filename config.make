@@ -13,6 +13,16 @@ $ngx_keepalive_slice_lib: FORCE_KEEPALIVE_SLICE
 
 FORCE_KEEPALIVE_SLICE:
 
+END
+
+if [ "$ngx_keepalive_slice_link" = DYNAMIC ]; then
+    cat << END                                            >> $NGX_MAKEFILE
 $NGX_OBJS${ngx_dirsep}ngx_http_upstream_keepalive_slice_module$ngx_modext: $ngx_keepalive_slice_lib
 
 END
+else
+    cat << END                                            >> $NGX_MAKEFILE
+$NGX_OBJS${ngx_dirsep}nginx$ngx_binext: $ngx_keepalive_slice_lib
+
+END
+fi

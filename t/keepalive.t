@@ -19,7 +19,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's
 use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of req_of backend_log_count
 	backend_log_wait backend_log_lines /;
-use Test::Nginx::Keepalive qw/ parallel_get status_of /;
+use Test::Nginx::Keepalive qw/ parallel_get status_of slice_module /;
 
 ###############################################################################
 
@@ -30,7 +30,7 @@ select STDOUT; $| = 1;
 # part of the configuration (and the tests proving which module handled the
 # directive) exists only when the keepalive_slice module is loaded.
 
-my $module = ($ENV{TEST_NGINX_GLOBALS} // '') =~ /keepalive_slice/ ? 1 : 0;
+my $module = slice_module();
 
 my $t = Test::Nginx->new()->has(qw/http proxy upstream_keepalive/);
 

@@ -18,6 +18,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use Test::Nginx;
 use Test::Nginx::Backend qw/ fastcgi_backend conn_of backend_log_count
 	backend_log_wait /;
+use Test::Nginx::Keepalive qw/ slice_module /;
 
 ###############################################################################
 
@@ -75,7 +76,7 @@ $t->run()->waitforsocket('127.0.0.1:' . port(8081))
 
 $t->plan(15);
 
-my $ours = ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+my $ours = slice_module();
 
 ###############################################################################
 

@@ -17,7 +17,7 @@ use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
 use Test::Nginx;
-use Test::Nginx::Keepalive qw/ http_get_host header_of /;
+use Test::Nginx::Keepalive qw/ http_get_host header_of slice_module /;
 
 ###############################################################################
 
@@ -82,7 +82,7 @@ EOF
 # slice parameters exist only with the module; stock nginx gets plain
 # keepalive there and the sliced checks are skipped
 
-my $module = ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+my $module = slice_module();
 my $conf = $t->read_file('nginx.conf');
 my $sliced = $module ? 'keepalive 4 slice_key=$host slice_conn=1;' : 'keepalive 4;';
 $conf =~ s/%%SLICED%%/$sliced/;

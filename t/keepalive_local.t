@@ -16,7 +16,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's
 
 use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of req_of backend_log_count /;
-use Test::Nginx::Keepalive qw/ status_of /;
+use Test::Nginx::Keepalive qw/ status_of slice_module /;
 
 ###############################################################################
 
@@ -26,7 +26,7 @@ select STDOUT; $| = 1;
 # stock nginx 1.28 has no "local" parameter
 
 plan(skip_all => 'keepalive_slice module not loaded')
-	unless ($ENV{TEST_NGINX_GLOBALS} // '') =~ /keepalive_slice/;
+	unless slice_module();
 
 my $t = Test::Nginx->new()->has(qw/http proxy upstream_keepalive/);
 $t->write_file_expand('nginx.conf', <<'EOF');

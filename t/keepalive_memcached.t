@@ -18,6 +18,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }
 use IO::Socket::INET;
 
 use Test::Nginx;
+use Test::Nginx::Keepalive qw/ slice_module /;
 
 ###############################################################################
 
@@ -77,7 +78,7 @@ $t->run()->waitforsocket('127.0.0.1:' . port(8081))
 
 $t->plan(18);
 
-my $ours = ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+my $ours = slice_module();
 
 ###############################################################################
 

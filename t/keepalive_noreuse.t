@@ -23,13 +23,14 @@ use Time::HiRes qw/ time /;
 
 use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
+use Test::Nginx::Keepalive qw/ slice_module /;
 
 ###############################################################################
 
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $module = ($ENV{TEST_NGINX_GLOBALS} // '') =~ /keepalive_slice/ ? 1 : 0;
+my $module = slice_module();
 
 my $t = Test::Nginx->new()->has(qw/http proxy upstream_keepalive/);
 

@@ -20,13 +20,14 @@ use Time::HiRes qw/ time /;
 use Test::Nginx qw/ :DEFAULT http_start http_end /;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count
 	backend_log_wait backend_log_lines /;
+use Test::Nginx::Keepalive qw/ slice_module /;
 
 ###############################################################################
 
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $module = ($ENV{TEST_NGINX_GLOBALS} // '') =~ /keepalive_slice/ ? 1 : 0;
+my $module = slice_module();
 
 my $t = Test::Nginx->new()->has(qw/http proxy upstream_keepalive/);
 $t->write_file_expand('nginx.conf', <<'EOF');

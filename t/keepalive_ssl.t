@@ -18,7 +18,7 @@ use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }
 
 use Test::Nginx;
-use Test::Nginx::Keepalive qw/ header_of errlog_wait ssl_certificates /;
+use Test::Nginx::Keepalive qw/ header_of errlog_wait ssl_certificates slice_module /;
 
 ###############################################################################
 
@@ -92,7 +92,7 @@ ssl_certificates($t, 'localhost');
 
 $t->run()->plan(18);
 
-my $ours = ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+my $ours = slice_module();
 
 # The backend's connection number; a response without it compares equal to
 # nothing (two failed requests must not look like one reused connection).

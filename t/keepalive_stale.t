@@ -20,7 +20,7 @@ use Time::HiRes qw/ sleep /;
 
 use Test::Nginx;
 use Test::Nginx::Backend qw/ conn_of backend_log_count backend_log_wait /;
-use Test::Nginx::Keepalive qw/ header_of errlog_wait /;
+use Test::Nginx::Keepalive qw/ header_of errlog_wait slice_module /;
 
 ###############################################################################
 
@@ -93,7 +93,7 @@ $t->run()->waitforsocket('127.0.0.1:' . port(8082))
 
 $t->plan(17);
 
-my $ours = ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+my $ours = slice_module();
 
 ###############################################################################
 

@@ -15,7 +15,7 @@ use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
 use Test::Nginx;
-use Test::Nginx::Keepalive qw/ nginx_test_config /;
+use Test::Nginx::Keepalive qw/ nginx_test_config slice_module /;
 
 ###############################################################################
 
@@ -23,7 +23,7 @@ select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
 plan(skip_all => 'module not loaded')
-	unless ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+	unless slice_module();
 
 my $t = Test::Nginx->new()->has(qw/http proxy map upstream_keepalive/);
 

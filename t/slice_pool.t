@@ -18,7 +18,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's
 use Test::Nginx qw/ :DEFAULT http_end /;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count backend_log_wait /;
 use Test::Nginx::Keepalive qw/ http_get_host parallel_get header_of
-	errlog_count errlog_delta errlog_wait /;
+	errlog_count errlog_delta errlog_wait slice_module /;
 
 ###############################################################################
 
@@ -26,7 +26,7 @@ select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
 plan(skip_all => 'module not loaded')
-	unless ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+	unless slice_module();
 
 my $t = Test::Nginx->new()->has(qw/http proxy upstream_keepalive/);
 $t->write_file_expand('nginx.conf', <<'EOF');

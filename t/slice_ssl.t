@@ -17,7 +17,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's
 
 use Test::Nginx;
 use Test::Nginx::Keepalive qw/ http_get_host status_of header_of
-	errlog_wait ssl_certificates /;
+	errlog_wait ssl_certificates slice_module /;
 
 ###############################################################################
 
@@ -25,7 +25,7 @@ select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
 plan(skip_all => 'module not loaded')
-	unless ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+	unless slice_module();
 
 my $t = Test::Nginx->new()->has(qw/http http_ssl proxy upstream_keepalive/)
 	->has_daemon('openssl');

@@ -15,7 +15,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's
 
 use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend backend_log_count /;
-use Test::Nginx::Keepalive qw/ http_get_host status_of /;
+use Test::Nginx::Keepalive qw/ http_get_host status_of slice_module /;
 
 ###############################################################################
 
@@ -23,7 +23,7 @@ select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
 plan(skip_all => 'module not loaded')
-	unless ($ENV{TEST_NGINX_GLOBALS} || '') =~ /keepalive_slice/;
+	unless slice_module();
 
 my $t = Test::Nginx->new()->has(qw/http proxy ssi upstream_keepalive/);
 $t->write_file_expand('nginx.conf', <<'EOF');

@@ -35,6 +35,7 @@ our @EXPORT_OK = qw/
 	errlog_count errlog_delta errlog_wait
 	nginx_test_config
 	ssl_certificates
+	slice_module
 /;
 
 ###############################################################################
@@ -172,6 +173,36 @@ sub nginx_test_config {
 	unlink "$d/nginx.pid";
 
 	return ($status, $out);
+}
+
+###############################################################################
+# Is this project's module in the nginx under test?
+#
+# Assertions on what only this module does (its debug lines, slicing, its
+# configuration errors) run when it is: loaded with load_module from
+# TEST_NGINX_GLOBALS, or linked in with --add-module=DIR, DIR being a tree
+# whose "config" names the module.  Without it the same files test nginx's
+# own keepalive module, the drop-in reference.
+
+my $slice_module;
+
+sub slice_module {
+	return $slice_module if defined $slice_module;
+
+	$slice_module = 0;
+	return $slice_module = 1
+		if ($ENV{TEST_NGINX_GLOBALS} // '') =~ /keepalive_slice/;
+
+	my $v = `\Q$NGINX\E -V 2>&1`;
+	for my $dir ($v =~ /--add-module=(\S+)/g) {
+		open my $fh, '<', "$dir/config" or next;
+		local $/;
+		my $config = <$fh>;
+		close $fh;
+		return $slice_module = 1
+			if $config =~ /^ngx_addon_name=ngx_http_upstream_keepalive_slice_module$/m;
+	}
+	return $slice_module;
 }
 
 ###############################################################################
