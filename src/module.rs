@@ -21,7 +21,7 @@ use ngx::ffi::{
     ngx_pcalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_TAKE1,
     NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG, NGX_LOG_NOTICE,
 };
-use ngx::{ngx_conf_log_error, ngx_log_error, ngx_string};
+use ngx::{ngx_conf_log_error, ngx_log_debug_mask, ngx_log_error, ngx_string};
 
 use crate::args::{parse_keepalive, ArgError};
 use crate::peer;
@@ -278,7 +278,6 @@ extern "C" fn keepalive_directive(
     // holds the upstream module's srv conf.
     let uscf = unsafe { upstream_srv_conf(cf) };
 
-    #[cfg(nginx1_29_7)]
     disable_stock_cache(cf, uscf);
 
     if kcf.max_cached == 0 {
@@ -314,11 +313,13 @@ unsafe fn upstream_srv_conf(cf: *mut ngx_conf_t) -> *mut ngx_http_upstream_srv_c
 /// Switches nginx's own keepalive cache off for this upstream.
 ///
 /// From nginx 1.29.7 the stock module enables itself for every upstream
-/// whose `max_cached` is not 0, and would then wrap ours and take every
-/// connection. Its server conf has begun with `ngx_uint_t max_cached` since
-/// 1.1.4, so writing 0 there is the switch. Before 1.29.7 it is 0 already,
-/// because the stock directive never ran, so this is only built from 1.29.7.
-#[cfg(nginx1_29_7)]
+/// whose `max_cached` is not 0 (from its `init_main_conf`, after parsing),
+/// and would then wrap ours and take every connection. Its server conf has
+/// begun with `ngx_uint_t max_cached` since 1.1.4, so writing 0 there is the
+/// switch. Before 1.29.7 the value is 0 already, because the stock directive
+/// never ran, so the write is harmless and is done on every version: the
+/// module list is searched by name, there is no link-time dependency on the
+/// stock module, and nothing happens when it is not compiled in.
 fn disable_stock_cache(cf: *mut ngx_conf_t, uscf: *mut ngx_http_upstream_srv_conf_t) {
     // SAFETY: walks cycle->modules (NULL-terminated) and indexes the
     // upstream's srv_conf array by a module's ctx_index, as nginx does.
@@ -335,6 +336,12 @@ fn disable_stock_cache(cf: *mut ngx_conf_t, uscf: *mut ngx_http_upstream_srv_con
                 let conf = *(*uscf).srv_conf.add((*module).ctx_index) as *mut ngx_uint_t;
                 if !conf.is_null() {
                     *conf = 0;
+                    ngx_log_debug_mask!(
+                        DebugMask::Http,
+                        (*cf).log,
+                        "keepalive slice: nginx's own keepalive cache off in upstream \"{}\"",
+                        (*uscf).host
+                    );
                 }
                 return;
             }
