@@ -241,7 +241,12 @@ extern "C" fn keepalive_directive(
 
     // SAFETY: called by the configuration parser with cf valid.
     let values = unsafe { conf_args(cf) };
-    let args: Vec<&[u8]> = values[1..].iter().map(|v| v.as_bytes()).collect();
+    let args: Vec<&[u8]> = values
+        .get(1..)
+        .unwrap_or_default()
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect();
 
     let parsed = match parse_keepalive(&args) {
         Ok(parsed) => parsed,

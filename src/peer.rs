@@ -441,6 +441,17 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
             }
         };
 
+        // The cache hands out slots of its own arena, which `handles`
+        // mirrors; were that ever broken, the connection is not kept
+        // (upstream closes it) rather than the worker stopping.
+        let Some(handle) = idle.handles.get_mut(stored.slot).map(ptr::from_mut) else {
+            idle.cache.remove(stored.slot);
+            if let Some(evicted) = stored.evicted {
+                close_connection(evicted);
+            }
+            return;
+        };
+
         ngx_log_debug_mask!(
             DebugMask::Http,
             log,
@@ -471,7 +482,7 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
         (*wev).handler = Some(dummy_handler);
         (*rev).handler = Some(close_handler);
 
-        (*c).data = ptr::addr_of_mut!(idle.handles[stored.slot]).cast();
+        (*c).data = handle.cast();
         (*c).set_idle(1);
         set_log(c, (*ngx_cycle).log);
 
