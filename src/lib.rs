@@ -12,28 +12,23 @@ pub mod cache;
 // The FFI glue runs inside nginx: a panic there would abort the worker
 // (panic = "abort"; unwinding into C is never possible). Nothing on that
 // path may panic, and clippy holds the glue to it.
-#[cfg(not(test))]
-#[deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::todo,
-    clippy::unimplemented,
-    clippy::unreachable,
-    clippy::indexing_slicing
-)]
-mod module;
-#[cfg(not(test))]
-#[deny(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::todo,
-    clippy::unimplemented,
-    clippy::unreachable,
-    clippy::indexing_slicing
-)]
-mod peer;
+macro_rules! ffi_glue {
+    ($($name:ident),*) => {$(
+        #[cfg(not(test))]
+        #[deny(
+            clippy::unwrap_used,
+            clippy::expect_used,
+            clippy::panic,
+            clippy::todo,
+            clippy::unimplemented,
+            clippy::unreachable,
+            clippy::indexing_slicing
+        )]
+        mod $name;
+    )*};
+}
+
+ffi_glue!(module, peer);
 
 #[cfg(test)]
 mod tests {
