@@ -83,6 +83,12 @@ else
 test: deps build unit prove
 endif
 
+# The nginx source tree bundled with the nginx-src crate (what objs/nginx is
+# built from), for the targets that configure nginx themselves.
+NGINX_VENDORED_SRC = $(shell $(CARGO) metadata --format-version 1 | perl -MJSON::PP -0777 -ne \
+	'for (@{decode_json($$_)->{packages}}) { print "$$1/nginx" \
+	if $$_->{name} eq "nginx-src" && $$_->{manifest_path} =~ m{(.*)/Cargo.toml$$} }')
+
 # The same suites against an nginx built --without-http_upstream_keepalive_module
 # (from the vendored source), with the module built against that nginx: the
 # module must not depend on the stock one being there.
@@ -93,10 +99,7 @@ WITHOUT_CONFIGURE = --with-compat --with-debug --with-http_ssl_module \
 test-without-stock: deps
 	set -e; \
 	if [ ! -x $(WITHOUT_DIR)/objs/nginx ]; then \
-		src=$$($(CARGO) metadata --format-version 1 | perl -MJSON::PP -0777 -ne \
-			'for (@{decode_json($$_)->{packages}}) { print "$$1/nginx" \
-			if $$_->{name} eq "nginx-src" && $$_->{manifest_path} =~ m{(.*)/Cargo.toml$$} }'); \
-		rm -rf $(WITHOUT_DIR); cp -r $$src $(WITHOUT_DIR); \
+		rm -rf $(WITHOUT_DIR); cp -r $(NGINX_VENDORED_SRC) $(WITHOUT_DIR); \
 		cd $(WITHOUT_DIR) && ./auto/configure $(WITHOUT_CONFIGURE) > configure.log \
 		&& $(MAKE) -j2 > make.log; \
 	fi
@@ -140,11 +143,9 @@ ADDON_CONFIGURE = --with-debug --with-http_ssl_module --with-http_v2_module
 
 test-nginx-build: deps
 	set -e; \
-	src=$$($(CARGO) metadata --format-version 1 | perl -MJSON::PP -0777 -ne \
-		'for (@{decode_json($$_)->{packages}}) { print "$$1/nginx" \
-		if $$_->{name} eq "nginx-src" && $$_->{manifest_path} =~ m{(.*)/Cargo.toml$$} }'); \
 	for kind in dynamic static; do \
-		rm -rf $(ADDON_DIR)/$$kind; mkdir -p $(ADDON_DIR); cp -r $$src $(ADDON_DIR)/$$kind; \
+		rm -rf $(ADDON_DIR)/$$kind; mkdir -p $(ADDON_DIR); \
+		cp -r $(NGINX_VENDORED_SRC) $(ADDON_DIR)/$$kind; \
 	done
 	cd $(ADDON_DIR)/dynamic && ./auto/configure $(ADDON_CONFIGURE) --with-compat \
 		--add-dynamic-module=$(CURDIR) > configure.log && $(MAKE) -j2 > make.log 2>&1
