@@ -62,8 +62,11 @@ deps-bench:
 build:
 	$(CARGO) build $(CARGO_FLAGS)
 	mkdir -p objs
-	cp -f $(NGINX_BINARY_SRC) objs/nginx
-	cp -f target/release/lib$(MODULE).so objs/$(MODULE).so
+	# cp then mv: a running nginx that mapped the old files keeps them
+	# (cp alone would rewrite them in place under it).
+	cp -f $(NGINX_BINARY_SRC) objs/nginx.tmp && mv -f objs/nginx.tmp objs/nginx
+	cp -f target/release/lib$(MODULE).so objs/$(MODULE).so.tmp \
+		&& mv -f objs/$(MODULE).so.tmp objs/$(MODULE).so
 	@objs/nginx -V 2>&1 | head -n 1
 
 unit:

@@ -1,4 +1,23 @@
-# make bench: wrk throughput through objs/nginx (see bench/bench.pl).
-.PHONY: bench
+# Performance (issue 5). Figures are printed and written, never asserted.
+#
+#   make bench          wrk through objs/nginx: no keepalive, nginx's own
+#                       keepalive, ours plain and sliced, 1 and N workers,
+#                       512 servers with random; alternating rounds, median
+#                       ratios; writes bench/results/<date>-<HHMM>.md, latest.md
+#                       (~5 min; BENCH_ROUNDS, BENCH_DURATION, ... in
+#                       bench/bench.pl)
+#   make bench-micro    ns per get+free pair of the idle cache at N = 16,
+#                       1024, 65536 (benches/cache.rs, ~10 s once built)
+#   make bench-profile  callgrind instructions per request, ours vs stock
+#                       (bench/profile.pl, ~2 min)
+.PHONY: bench bench-micro bench-profile
+
 bench: deps deps-bench build
 	perl bench/bench.pl
+
+bench-micro:
+	$(CARGO) bench $(filter-out --release,$(CARGO_FLAGS)) --bench cache
+
+bench-profile: deps build
+	@sh .ci/packages valgrind
+	perl bench/profile.pl
