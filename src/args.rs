@@ -16,16 +16,17 @@ pub const DEFAULT_POOLSIZE: usize = 20;
 pub const DEFAULT_KEYLEN: usize = 40;
 
 /// Largest `keepalive` count (and `slice_conn`). Idle connections also
-/// count against `worker_connections`; beyond this the cache's fixed
-/// memory (about 230 bytes a connection, allocated per worker) is what an
-/// absurd value would really buy.
-pub const MAX_CONNECTIONS: usize = 1 << 20;
-/// Largest `slice_poolsize`: buckets beyond the connections they could
-/// hold are memory nobody uses.
+/// count against `worker_connections`; the cache's memory is allocated
+/// per worker with the configuration (about 240 bytes a connection, 15 MiB
+/// at this limit), so an absurd value would cost memory for nothing.
+pub const MAX_CONNECTIONS: usize = 1 << 16;
+/// Largest `slice_poolsize`. At most `keepalive` + 1 buckets are ever
+/// allocated, whatever this says: a bucket in use holds a connection.
 pub const MAX_POOLSIZE: usize = 1 << 16;
-/// Largest `slice_keylen`: longer than any host name (255 bytes), room for
-/// keys built from several variables; `slice_poolsize` x this is allocated.
-pub const MAX_KEYLEN: usize = 4096;
+/// Largest `slice_keylen`: four times the longest host name (255 bytes),
+/// room for keys built from several variables; each bucket stores this
+/// many bytes.
+pub const MAX_KEYLEN: usize = 1024;
 
 /// The parsed `keepalive` directive.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -320,7 +321,7 @@ mod tests {
         assert_eq!(
             parse("99999999999999999999999").unwrap_err(),
             "invalid value \"99999999999999999999999\" in \"keepalive\" directive, \
-             the maximum is 1048576"
+             the maximum is 65536"
         );
     }
 
@@ -414,15 +415,15 @@ mod tests {
 
     #[test]
     fn absurd_values_name_the_limit() {
-        assert_eq!(parse("1048576").unwrap().connections, MAX_CONNECTIONS);
+        assert_eq!(parse("65536").unwrap().connections, MAX_CONNECTIONS);
         assert_eq!(
             parse("100000000").unwrap_err(),
-            "invalid value \"100000000\" in \"keepalive\" directive, the maximum is 1048576"
+            "invalid value \"100000000\" in \"keepalive\" directive, the maximum is 65536"
         );
         assert_eq!(
             parse("8 slice_key=$host slice_conn=1 slice_keylen=1048576").unwrap_err(),
             "invalid value \"1048576\" of \"slice_keylen\" in \"keepalive\" directive, \
-             the maximum is 4096"
+             the maximum is 1024"
         );
         assert_eq!(
             parse("8 slice_key=$host slice_conn=1 slice_poolsize=65537").unwrap_err(),
@@ -430,15 +431,14 @@ mod tests {
              the maximum is 65536"
         );
         assert_eq!(
-            parse("8 slice_key=$host slice_conn=1048577").unwrap_err(),
-            "invalid value \"1048577\" of \"slice_conn\" in \"keepalive\" directive, \
-             the maximum is 1048576"
+            parse("8 slice_key=$host slice_conn=65537").unwrap_err(),
+            "invalid value \"65537\" of \"slice_conn\" in \"keepalive\" directive, \
+             the maximum is 65536"
         );
-        let s =
-            parse("8 slice_key=$host slice_conn=1048576 slice_poolsize=65536 slice_keylen=4096")
-                .unwrap()
-                .slice
-                .unwrap();
+        let s = parse("8 slice_key=$host slice_conn=65536 slice_poolsize=65536 slice_keylen=1024")
+            .unwrap()
+            .slice
+            .unwrap();
         assert_eq!(
             (s.conn, s.poolsize, s.keylen),
             (Some(MAX_CONNECTIONS), MAX_POOLSIZE, MAX_KEYLEN)
@@ -493,8 +493,9 @@ mod tests {
         b"0",
         b"1",
         b"8",
+        b"1024",
+        b"1025",
         b"4096",
-        b"4097",
         b"65536",
         b"65537",
         b"1048576",

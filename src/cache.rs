@@ -147,6 +147,17 @@ impl<C: Copy> IdleCache<C> {
         })
     }
 
+    /// Bytes allocated for this cache: everything it will ever use, sized
+    /// with the configuration (the README's "Limits and memory").
+    pub fn memory_bytes(&self) -> usize {
+        use core::mem::size_of;
+        self.slots.len() * size_of::<IdleSlot<C>>()
+            + self.buckets.len() * size_of::<Bucket>()
+            + self.addrs.len()
+            + self.slices.len()
+            + self.table.len() * size_of::<u32>()
+    }
+
     /// Idle connections held.
     pub fn len(&self) -> usize {
         self.len
@@ -480,6 +491,36 @@ pub fn boxed_slice<T>(n: usize, make: impl FnMut(usize) -> T) -> Option<Box<[T]>
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn memory_is_fixed_by_the_configuration() {
+        type Pointer = *mut u8;
+        let bytes = |n, pool, keylen| {
+            IdleCache::<Pointer>::new(n, pool, keylen)
+                .unwrap()
+                .memory_bytes()
+        };
+        // Each connection costs its slot; each bucket its record, the
+        // longest socket address and the key bytes (7 and 6 buckets share
+        // a table of 16 links).
+        let slot = bytes(2, 1, 0) - bytes(1, 1, 0);
+        let bucket_and_key = bytes(1, 7, 1) - bytes(1, 6, 1);
+        assert_eq!(
+            bytes(1, 8, 41) - bytes(1, 8, 40),
+            8,
+            "8 buckets, 1 key byte each"
+        );
+        assert!(slot <= 48, "{slot} bytes per connection slot");
+        assert!(bucket_and_key <= 64 + MAX_ADDR_LEN + 1, "{bucket_and_key}");
+
+        // The README's figures: an unsliced keepalive 1024 (a bucket per
+        // connection) stays under 256 KiB, the sliced defaults under 64 KiB,
+        // and the largest sizes the directive accepts are bounded.
+        assert!(bytes(1024, 1025, 0) < 256 << 10);
+        assert!(bytes(1024, 20, 40) < 64 << 10);
+        assert!(bytes(1 << 16, (1 << 16) + 1, 0) < 16 << 20);
+        assert!(bytes(1 << 16, (1 << 16) + 1, 1024) < 96 << 20);
+    }
+
     use super::*;
 
     const A: &[u8] = &[2, 0, 0x1f, 0x90, 127, 0, 0, 1];

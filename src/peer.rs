@@ -122,9 +122,14 @@ pub unsafe extern "C" fn init_upstream(
         kcf.original_init_peer = (*us).peer.init;
         (*us).peer.init = Some(init_peer);
 
+        // A bucket in use holds at least one connection, so more than
+        // `keepalive` + 1 buckets (the one more for a connection that
+        // needs a new bucket while the cache is full and evicts) are never
+        // in use at once: a larger slice_poolsize allocates no more.
+        let all_distinct = kcf.max_cached.saturating_add(1);
         let (poolsize, keylen) = match &kcf.slice {
-            Some(slice) => (slice.poolsize, slice.keylen),
-            None => (kcf.max_cached.saturating_add(1), 0),
+            Some(slice) => (slice.poolsize.min(all_distinct), slice.keylen),
+            None => (all_distinct, 0),
         };
         let cache = IdleCache::new(kcf.max_cached, poolsize, keylen);
         let handles = boxed_slice(kcf.max_cached, |slot| SlotHandle {
@@ -143,6 +148,15 @@ pub unsafe extern "C" fn init_upstream(
             );
             return NGX_ERROR;
         };
+        ngx_log_debug_mask!(
+            DebugMask::Http,
+            (*cf).log,
+            "init keepalive slice: {} connections, {} buckets of {} key bytes, {} bytes",
+            kcf.max_cached,
+            poolsize,
+            keylen,
+            cache.memory_bytes() + handles.len() * size_of::<SlotHandle>()
+        );
         let Some(idle) = free_with_cycle(cf, Box::new(IdleState { cache, handles })) else {
             return NGX_ERROR;
         };

@@ -114,13 +114,13 @@ my @bad = (
 	# allocated for them
 
 	[ 'keepalive 100000000;',
-		qr/invalid value "100000000" in "keepalive" directive, the maximum is 1048576/ ],
-	[ 'keepalive 8 slice_key=$host slice_conn=1048577;',
-		qr/invalid value "1048577" of "slice_conn" in "keepalive" directive, the maximum is 1048576/ ],
+		qr/invalid value "100000000" in "keepalive" directive, the maximum is 65536/ ],
+	[ 'keepalive 8 slice_key=$host slice_conn=65537;',
+		qr/invalid value "65537" of "slice_conn" in "keepalive" directive, the maximum is 65536/ ],
 	[ 'keepalive 8 slice_key=$host slice_conn=1 slice_poolsize=65537;',
 		qr/invalid value "65537" of "slice_poolsize" in "keepalive" directive, the maximum is 65536/ ],
 	[ 'keepalive 8 slice_key=$host slice_conn=1 slice_keylen=1048576;',
-		qr/invalid value "1048576" of "slice_keylen" in "keepalive" directive, the maximum is 4096/ ],
+		qr/invalid value "1048576" of "slice_keylen" in "keepalive" directive, the maximum is 1024/ ],
 
 	# slice_dyn takes a variable, and it must exist
 
@@ -165,8 +165,8 @@ my @good = (
 	'keepalive 8 slice_conn=1 slice_key=fixed;',
 
 	# the largest sizes allowed
-	'keepalive 1048576 slice_key=$host slice_conn=1048576 '
-		. 'slice_poolsize=65536 slice_keylen=4096;',
+	'keepalive 65536 slice_key=$host slice_conn=65536 '
+		. 'slice_poolsize=65536 slice_keylen=1024;',
 );
 
 $t->plan(2 * @bad + @good);
