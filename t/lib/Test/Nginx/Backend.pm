@@ -338,6 +338,20 @@ sub _log {
 #   /early...      respond as soon as the headers are read; the body (if it
 #                  ever arrives) is read and discarded, the connection kept
 #   /nolength...   no Content-Length, not chunked: body ends with the close
+#   /hang...       the request is read (and logged) but never answered; the
+#                  connection stays open until the peer closes it
+#   /dropnext...   answered normally (keep-alive), but the NEXT request on
+#                  this connection is read, logged and then dropped: the
+#                  connection is closed (FIN) without a response, as by a
+#                  backend whose idle timeout fired just as the request came
+#   .../idle/<act>/<ms>...  (anywhere in the path, e.g. /sleep/100/idle/fin/0)
+#                  after the response, once the connection has been idle for
+#                  <ms> milliseconds (no further request started), the
+#                  backend acts on it: fin = close (FIN), rst = reset (RST,
+#                  SO_LINGER 0), data = send the unsolicited bytes "XX" and
+#                  keep the connection.  Logged as "close conn=N
+#                  reason=idle-fin|idle-rst" or "unsolicited conn=N"; if a
+#                  new request came first: "idle-busy conn=N act=<act>"
 #
 # Options:
 #   log => $path      event log, see above
@@ -348,7 +362,7 @@ sub _log {
 # Close reasons logged: eof (peer closed), eof-reset (peer reset, or a write
 # failed), close-requested (/close, "Connection: close", HTTP/1.0 without
 # keep-alive), nolength (/nolength response complete), reset-vhost,
-# bad-request.
+# bad-request, drop-next, idle-fin, idle-rst.
 
 sub http_backend {
 	my ($port, %opts) = @_;
@@ -455,6 +469,13 @@ sub _http_start {
 	_log($srv, "request conn=$c->{id} req=$req->{n}"
 		. " host=$req->{host} uri=$req->{uri}");
 
+	if ($c->{drop_next}) {
+		# /dropnext on the previous request: the request was read,
+		# it is dropped without an answer.
+		_close($srv, $c, 'drop-next');
+		return 0;
+	}
+
 	if ($req->{path} =~ m{^/early}) {
 		# Answer before the body: the body is still consumed (and
 		# discarded) by _http_read_body, so the connection stays
@@ -521,6 +542,12 @@ sub _http_respond {
 
 	my $path = $req->{path};
 
+	if ($path =~ m{^/hang}) {
+		# Never answered: "waiting" also keeps later input unparsed.
+		$c->{waiting} = 1;
+		return;
+	}
+
 	if ($path =~ m{^/sleep/(\d+)} && !$req->{slept}) {
 		# Park this connection only; the select loop wakes us up.
 		my $ms = $1;
@@ -584,7 +611,44 @@ sub _http_respond {
 	$body = '' if $req->{method} eq 'HEAD';
 
 	$c->{close_after_write} = $close if $close;
+	$c->{drop_next} = 1 if !$close && $path =~ m{^/dropnext};
 	_send($srv, $c, "$head\r\n$body");
+
+	if (!$close && !$c->{closed} && $path =~ m{/idle/(fin|rst|data)/(\d+)}) {
+		_http_idle_act($srv, $c, $1, $2 / 1000, $c->{nreq});
+	}
+}
+
+# /idle/<act>/<ms>: acts on the connection once it has been idle for $delay
+# seconds after the response to request number $nreq.  The response must
+# have left the buffer first; a request that started since then cancels
+# the action.
+sub _http_idle_act {
+	my ($srv, $c, $act, $delay, $nreq) = @_;
+
+	_set_timer($c, $delay, sub {
+		return if $c->{closed};
+
+		if ($c->{nreq} != $nreq || $c->{req} || $c->{waiting}
+			|| length $c->{inbuf})
+		{
+			_log($srv, "idle-busy conn=$c->{id} act=$act");
+			return;
+		}
+
+		if (length $c->{outbuf}) {
+			_http_idle_act($srv, $c, $act, 0.01, $nreq);
+			return;
+		}
+
+		if ($act eq 'data') {
+			_log($srv, "unsolicited conn=$c->{id}");
+			_send($srv, $c, 'XX');
+
+		} else {
+			_close($srv, $c, "idle-$act", $act eq 'rst');
+		}
+	});
 }
 
 ###############################################################################
