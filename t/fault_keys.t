@@ -174,6 +174,11 @@ sub pipeline {
 
 	my $sel = IO::Select->new($s);
 
+	# a write after nginx closed the connection must fail, not kill the
+	# test (which would leave nginx and the backend running)
+
+	local $SIG{PIPE} = 'IGNORE';
+
 	while (@r < @req) {
 		my ($rd, $wr) = IO::Select->select($sel,
 			length $out ? $sel : undef, undef, 10);

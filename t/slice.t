@@ -171,7 +171,7 @@ for my $p (sort keys %backends) {
 $t->run();
 $t->waitforsocket('127.0.0.1:' . port($_)) for sort keys %backends;
 
-$t->plan(55);
+$t->plan(57);
 
 ###############################################################################
 
