@@ -30,7 +30,7 @@
 # same Markdown.  Nothing is asserted: the targets are shown as met or not.
 #
 # Run: perl bench/bench.pl (make bench builds first)
-#   BENCH_DURATION  seconds per wrk run (3)      BENCH_ROUNDS  rounds (7)
+#   BENCH_DURATION  seconds per wrk run (3)      BENCH_ROUNDS  rounds (11)
 #   BENCH_CONNECTIONS  wrk -c (32)               BENCH_THREADS wrk -t (2)
 #   BENCH_WORKERS   workers of the "several" fronts (number of CPUs, >= 2)
 #   BENCH_GROUPS    which groups, e.g. "1w,512" (all: 1w,Nw,512)
@@ -51,7 +51,7 @@ use Demo::Processes qw(objs find_program scratch_dir spawn track untrack
 	wait_port stop free_ports write_file);
 
 my $DURATION    = $ENV{BENCH_DURATION}    // 3;
-my $ROUNDS      = $ENV{BENCH_ROUNDS}      // 7;
+my $ROUNDS      = $ENV{BENCH_ROUNDS}      // 11;
 my $CONNECTIONS = $ENV{BENCH_CONNECTIONS} // 32;
 my $THREADS     = $ENV{BENCH_THREADS}     // 2;
 my $NCPU        = cpus();

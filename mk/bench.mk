@@ -4,7 +4,7 @@
 #                       keepalive, ours plain and sliced, 1 and N workers,
 #                       512 servers with random; alternating rounds, median
 #                       ratios; writes bench/results/<date>-<HHMM>.md, latest.md
-#                       (~5 min; BENCH_ROUNDS, BENCH_DURATION, ... in
+#                       (~7 min; BENCH_ROUNDS, BENCH_DURATION, ... in
 #                       bench/bench.pl)
 #   make bench-micro    ns per get+free pair of the idle cache at N = 16,
 #                       1024, 65536 (benches/cache.rs, ~10 s once built)
