@@ -47,7 +47,7 @@ use List::Util qw(sum max min);
 
 # The process management demo/demo.pl uses too.
 use lib "$FindBin::Bin/../demo/lib";
-use Demo::Processes qw(objs find_program scratch_dir spawn track untrack
+use Demo::Processes qw(objs copies_in find_program scratch_dir spawn track untrack
 	wait_port stop free_ports write_file);
 
 my $DURATION    = $ENV{BENCH_DURATION}    // 3;
@@ -75,13 +75,7 @@ my $WRK = find_program('wrk')
 
 my $tmp = scratch_dir('nginx-keepalive-slice-bench', 'BENCH_KEEP');
 
-# Run copies: `make build` overwrites objs/ in place (cp -f), and a shared
-# object rewritten under a running nginx crashes its workers (SIGSEGV).
-for my $f ($NGINX, $SO) {
-	(my $copy = $f) =~ s{.*/}{$tmp/};
-	system('cp', $f, $copy) == 0 or die "cp $f: $!\n";
-	$f = $copy;
-}
+($NGINX, $SO) = copies_in($tmp, $NGINX, $SO);
 
 # Workers run as nobody by default when started as root and could not
 # write into the temporary directory.

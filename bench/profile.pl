@@ -28,7 +28,7 @@ use List::Util qw(sum);
 use POSIX qw(strftime);
 
 use lib "$FindBin::Bin/../demo/lib";
-use Demo::Processes qw(objs find_program scratch_dir spawn stop wait_port
+use Demo::Processes qw(objs copies_in find_program scratch_dir spawn stop wait_port
 	free_ports write_file);
 
 my $REQUESTS = $ENV{PROFILE_REQUESTS} // 2000;
@@ -51,13 +51,7 @@ find_program('valgrind') && find_program('callgrind_control')
 	or die "valgrind not found: apt-get install valgrind\n";
 my $tmp = scratch_dir('nginx-keepalive-slice-profile', 'PROFILE_KEEP');
 
-# Run copies: `make build` overwrites objs/ in place (cp -f), and a shared
-# object rewritten under a running nginx crashes its workers (SIGSEGV).
-for my $f ($NGINX, $SO) {
-	(my $copy = $f) =~ s{.*/}{$tmp/};
-	system('cp', $f, $copy) == 0 or die "cp $f: $!\n";
-	$f = $copy;
-}
+($NGINX, $SO) = copies_in($tmp, $NGINX, $SO);
 my $USER = $> == 0 ? 'user root;' : '';
 
 my @ports = free_ports(2 + $SERVERS);

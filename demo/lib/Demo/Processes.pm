@@ -31,7 +31,7 @@ use POSIX ();
 use Time::HiRes qw(time sleep);
 
 our @EXPORT_OK = qw(
-	objs find_program scratch_dir
+	objs copies_in find_program scratch_dir
 	spawn track untrack wait_port stop
 	free_ports write_file
 );
@@ -63,6 +63,19 @@ sub objs () {
 	-x $nginx && -f $so
 		or die "objs/nginx or objs/$MODULE.so missing: run make build\n";
 	return ($nginx, $so);
+}
+
+# Copies of @files in $dir, in the same order.  A long run (bench,
+# profile) uses copies, so that a `make build` meanwhile cannot change the
+# binary or the module under its running nginx.
+sub copies_in ($dir, @files) {
+	my @copies;
+	for my $f (@files) {
+		(my $copy = $f) =~ s{.*/}{$dir/};
+		system('cp', $f, $copy) == 0 or die "cp $f: $!\n";
+		push @copies, $copy;
+	}
+	return @copies;
 }
 
 # The first executable $name in $PATH or, after those, in @more_dirs.
