@@ -34,6 +34,9 @@
 #   BENCH_CONNECTIONS  wrk -c (32)               BENCH_THREADS wrk -t (2)
 #   BENCH_WORKERS   workers of the "several" fronts (number of CPUs, >= 2)
 #   BENCH_GROUPS    which groups, e.g. "1w,512" (all: 1w,Nw,512)
+#   BENCH_PIN=1     front nginxes on CPU 0, backend and wrk on CPU 1
+#                   (taskset): the front alone on its CPU is the bottleneck,
+#                   so req/s measures its cost with less scheduler noise
 #   BENCH_RESULTS   output directory (bench/results); BENCH_KEEP=1 keeps
 #                   the temporary directory
 
@@ -52,6 +55,12 @@ use Demo::Processes qw(objs copies_in find_program scratch_dir spawn track untra
 
 my $DURATION    = $ENV{BENCH_DURATION}    // 3;
 my $ROUNDS      = $ENV{BENCH_ROUNDS}      // 11;
+my $PIN         = $ENV{BENCH_PIN};
+my $TASKSET     = $PIN ? (find_program('taskset')
+	// die "taskset not found (util-linux)\n") : undef;
+
+# The command prefix that pins a process to $cpu under BENCH_PIN.
+sub pinned ($cpu) { return $PIN ? ($TASKSET, '-c', $cpu) : () }
 my $CONNECTIONS = $ENV{BENCH_CONNECTIONS} // 32;
 my $THREADS     = $ENV{BENCH_THREADS}     // 2;
 my $NCPU        = cpus();
@@ -393,7 +402,7 @@ sub run_wrk ($c, $duration) {
 	if ($pid == 0) {
 		$SIG{INT} = $SIG{TERM} = 'DEFAULT';
 		open STDERR, '>&', \*STDOUT;
-		exec $WRK, "-t$THREADS", "-c$CONNECTIONS", "-d${duration}s", '--latency',
+		exec pinned(1), $WRK, "-t$THREADS", "-c$CONNECTIONS", "-d${duration}s", '--latency',
 			'-s', "$tmp/hosts$c->{hosts}.lua", "http://127.0.0.1:$port/"
 			or print "exec $WRK: $!\n";
 		POSIX::_exit(127);
@@ -496,7 +505,7 @@ sub start_nginx ($name, $port, $conf) {
 	# The 512-server upstream holds thousands of idle connections: the soft
 	# limit on open files is raised to the hard one (1024 is common).
 	my $pid = spawn("nginx $name", "$prefix/logs/stderr.log",
-		'/bin/sh', '-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"', 'sh',
+		pinned($name =~ /^front/ ? 0 : 1), '/bin/sh', '-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"', 'sh',
 		$NGINX, '-p', "$prefix/", '-c', "$prefix/nginx.conf");
 
 	# Ready when it accepts on its first port; it binds them all at once.
