@@ -92,6 +92,12 @@ NGINX_VENDORED_SRC = $(shell $(CARGO) metadata --format-version 1 | perl -MJSON:
 	'for (@{decode_json($$_)->{packages}}) { print "$$1/nginx" \
 	if $$_->{name} eq "nginx-src" && $$_->{manifest_path} =~ m{(.*)/Cargo.toml$$} }')
 
+# $(call module_for,NGINX_TREE,CARGO_TARGET_DIR): the cargo command that
+# builds the module against a configured nginx tree other than the vendored
+# one (environment variables or flags may precede or follow it).
+module_for = NGINX_SOURCE_DIR=$(1) NGINX_BUILD_DIR=$(1)/objs CARGO_TARGET_DIR=$(2) \
+	$(CARGO) build --release --no-default-features --features export-modules
+
 # The same suites against an nginx built --without-http_upstream_keepalive_module
 # (from the vendored source), with the module built against that nginx: the
 # module must not depend on the stock one being there.
@@ -106,9 +112,7 @@ test-without-stock: deps
 		cd $(WITHOUT_DIR) && ./auto/configure $(WITHOUT_CONFIGURE) > configure.log \
 		&& $(MAKE) -j2 > make.log; \
 	fi
-	NGINX_SOURCE_DIR=$(WITHOUT_DIR) NGINX_BUILD_DIR=$(WITHOUT_DIR)/objs \
-	CARGO_TARGET_DIR=$(WITHOUT_DIR)/cargo \
-		$(CARGO) build --release --no-default-features --features export-modules
+	$(call module_for,$(WITHOUT_DIR),$(WITHOUT_DIR)/cargo)
 	TEST_NGINX_BINARY=$(WITHOUT_DIR)/objs/nginx \
 	TEST_NGINX_GLOBALS="load_module $(WITHOUT_DIR)/cargo/release/lib$(MODULE).so; $(ROOT_GLOBALS)" \
 	PERL5LIB=$(CURDIR)/t/lib \
@@ -125,9 +129,7 @@ test-debian: deps
 	@sh .ci/packages $(DEBIAN_PACKAGES)
 	rm -rf $(DEBIAN_DIR)/src && mkdir -p $(DEBIAN_DIR) && cp -r /usr/share/nginx/src $(DEBIAN_DIR)/src
 	cd $(DEBIAN_DIR)/src && bash -c '. ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}"' > configure.log
-	NGINX_SOURCE_DIR=$(DEBIAN_DIR)/src NGINX_BUILD_DIR=$(DEBIAN_DIR)/src/objs \
-	CARGO_TARGET_DIR=$(DEBIAN_DIR)/cargo \
-		$(CARGO) build --release --no-default-features --features export-modules
+	$(call module_for,$(DEBIAN_DIR)/src,$(DEBIAN_DIR)/cargo)
 	cp -f $(DEBIAN_DIR)/cargo/release/lib$(MODULE).so $(DEBIAN_DIR)/$(MODULE).so
 	TEST_NGINX_BINARY=/usr/sbin/nginx \
 	TEST_NGINX_MODULES=/usr/lib/nginx/modules \

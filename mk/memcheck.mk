@@ -69,9 +69,7 @@ memcheck-build: deps
 		$(MAKE) -j2 > make.log 2>&1 || { tail -n 30 make.log; exit 1; }; \
 		echo "$$stamp" > $(MEMCHECK_DIR)/nginx.stamp; \
 	fi
-	NGINX_SOURCE_DIR=$(MEMCHECK_DIR)/nginx NGINX_BUILD_DIR=$(MEMCHECK_DIR)/nginx/objs \
-	CARGO_TARGET_DIR=$(MEMCHECK_DIR)/cargo $(MEMCHECK_CARGO_ENV) \
-		$(CARGO) build --release --no-default-features --features export-modules \
+	$(MEMCHECK_CARGO_ENV) $(call module_for,$(MEMCHECK_DIR)/nginx,$(MEMCHECK_DIR)/cargo) \
 		$(MEMCHECK_CARGO_ARGS)
 	@$(MEMCHECK_DIR)/nginx/objs/nginx -V 2>&1 | sed -n 's/^built by/nginx-asan built by/p'
 

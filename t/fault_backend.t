@@ -25,7 +25,7 @@ use Time::HiRes qw/ sleep /;
 use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count
 	backend_log_wait backend_log_lines req_of /;
-use Test::Nginx::Keepalive qw/ status_of header_of errlog_count errlog_wait slice_module /;
+use Test::Nginx::Keepalive qw/ http_post_host status_of header_of errlog_count errlog_wait slice_module /;
 
 ###############################################################################
 
@@ -147,13 +147,6 @@ my $refused = qr/connect\(\) failed \(111: Connection refused\)/;
 my $reset = qr/Connection reset|Broken pipe/;
 my $not_failed = qr/free keepalive slice peer: not saving: peer failed/;
 
-sub req {
-	my ($uri, $method, $body) = @_;
-	return http_get($uri) unless $method;
-	return http("$method $uri HTTP/1.0\r\nHost: localhost\r\n"
-		. 'Content-Length: ' . length($body) . "\r\n\r\n$body");
-}
-
 # (1) the backend drops the next request on an idle connection: nginx took
 # the cached connection, which failed before any response; a GET is
 # retried on a new connection, a POST is not (non-idempotent): 502
@@ -162,10 +155,10 @@ my $rlog = "$d/race.log";
 my ($e_closed, $e_failed) = (errlog_count($t, $closed),
 	errlog_count($t, $not_failed));
 
-my $r = req('/race/dropnext');
+my $r = http_get('/race/dropnext');
 is(conn_of($r), 1, 'race: connection 1 kept');
 
-$r = req('/race/get');
+$r = http_get('/race/get');
 is(status_of($r) // 'none', 200, 'race: GET answered');
 is(conn_of($r) . '/' . req_of($r), '2/1', 'race: GET retried on a new connection');
 is(backend_log_count($rlog, qr/^request conn=1 req=2 .* uri=\/get$/), 1,
@@ -174,16 +167,16 @@ is(backend_log_wait($rlog, qr/^close conn=1 reason=drop-next$/, 1), 1,
 	'race: which the backend dropped');
 is(errlog_count($t, $closed) - $e_closed, 1, 'race: prematurely closed logged');
 
-$r = req('/race/dropnext');
+$r = http_get('/race/dropnext');
 is(conn_of($r), 2, 'race: connection 2 reused');
 
-$r = req('/race/post', 'POST', 'body');
+$r = http_post_host('localhost', '/race/post', 'body');
 is(status_of($r) // 'none', 502, 'race: POST on the dropped connection 502');
 is(backend_log_count($rlog, qr/ uri=\/post$/), 1, 'race: POST not retried');
 is(backend_log_wait($rlog, qr/^close conn=2 reason=drop-next$/, 1), 1,
 	'race: connection 2 dropped');
 
-$r = req('/race/x');
+$r = http_get('/race/x');
 is(conn_of($r) . '/' . req_of($r), '3/1', 'race: next request on a new one');
 
 SKIP: {
@@ -200,7 +193,7 @@ is(errlog_count($t, $not_failed) - $e_failed, 2,
 # it tries the connection (then retries), is a race, as with nginx's own
 # module
 
-my @r = map { req("/race/idle/fin/0/$_") } 1 .. 20;
+my @r = map { http_get("/race/idle/fin/0/$_") } 1 .. 20;
 my %conns = map { (conn_of($_) // 'none') => 1 } @r;
 
 is(scalar(grep { (status_of($_) // 0) == 200 } @r), 20,
@@ -213,7 +206,7 @@ is(backend_log_wait($rlog, qr/reason=idle-fin$/, 20), 20,
 
 my $e_dead = errlog_count($t, qr/$closed|$reset/);
 
-is(conn_of(req('/away/x')) . '/' . conn_of(req('/away/x')), '1/1',
+is(conn_of(http_get('/away/x')) . '/' . conn_of(http_get('/away/x')), '1/1',
 	'away: connection reused');
 
 my $handled = errlog_count($t, $handler);
@@ -223,16 +216,16 @@ backend_stop(8082);
 is(errlog_wait($t, $handler, $handled + 1) - $handled, 1,
 	'away: idle connection closed when the backend went away');
 
-$r = req('/away/x');
+$r = http_get('/away/x');
 is(status_of($r) // 'none', 502, 'away: backend down: 502');
 is(errlog_count($t, $refused) - $e_refused, 1, 'away: connection refused');
 
 backend_start(8082, "$d/away-2.log");
 
-$r = req('/away/x');
+$r = http_get('/away/x');
 is(status_of($r) // 'none', 200, 'away: backend back: 200');
 is(conn_of($r) . '/' . req_of($r), '1/1', 'away: new connection');
-$r = req('/away/x');
+$r = http_get('/away/x');
 is(conn_of($r) . '/' . req_of($r), '1/2', 'away: new connection reused');
 
 is(errlog_count($t, qr/$closed|$reset/) - $e_dead, 0,
@@ -243,7 +236,7 @@ is(errlog_count($t, qr/$closed|$reset/) - $e_dead, 0,
 my ($pa, $pb) = (port(8083), port(8084));
 
 sub fails_get {
-	my @r = map { req('/fails/x') } 1 .. $_[0];
+	my @r = map { http_get('/fails/x') } 1 .. $_[0];
 	return (
 		join(',', map { status_of($_) // 'none' } @r),
 		join(',', map { (header_of($_, 'X-Port') // 0) == $pa ? 'A' : 'B' }
@@ -306,9 +299,9 @@ my $hlog = "$d/hang.log";
 my $e_timeout = errlog_count($t, qr/upstream timed out/);
 $e_failed = errlog_count($t, $not_failed);
 
-is(conn_of(req('/hang/x')), 1, 'hang: connection 1 kept');
+is(conn_of(http_get('/hang/x')), 1, 'hang: connection 1 kept');
 
-$r = req('/hang/hang');
+$r = http_get('/hang/hang');
 is(status_of($r) // 'none', 504, 'hang: 504');
 is(backend_log_count($hlog, qr/^request conn=1 req=2 .* uri=\/hang$/), 1,
 	'hang: on the cached connection');
@@ -317,7 +310,7 @@ is(errlog_count($t, qr/upstream timed out/) - $e_timeout, 1,
 is(backend_log_wait($hlog, qr/^close conn=1 reason=eof$/, 1), 1,
 	'hang: connection closed by nginx');
 
-$r = req('/hang/x');
+$r = http_get('/hang/x');
 is(conn_of($r) . '/' . req_of($r), '2/1', 'hang: next request on a new one');
 
 SKIP: {
@@ -334,13 +327,13 @@ is(errlog_count($t, $not_failed) - $e_failed, 1,
 my $klog = "$d/kt.log";
 $handled = errlog_count($t, $handler);
 
-is(conn_of(req('/kt/idle/fin/1000')), 1, 'timeout: connection 1 kept');
+is(conn_of(http_get('/kt/idle/fin/1000')), 1, 'timeout: connection 1 kept');
 is(backend_log_wait($klog, qr/^close conn=1 /, 1), 1, 'timeout: closed');
 is(backend_log_count($klog, qr/^close conn=1 reason=eof$/), 1,
 	'timeout: by nginx, before the backend');
 is(errlog_count($t, $handler) - $handled, 1, 'timeout: close handler');
 
-$r = req('/kt/x');
+$r = http_get('/kt/x');
 is(conn_of($r) . '/' . req_of($r), '2/1', 'timeout: next request on a new one');
 
 ###############################################################################
