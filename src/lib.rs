@@ -28,7 +28,7 @@ macro_rules! ffi_glue {
     )*};
 }
 
-ffi_glue!(module, peer);
+ffi_glue!(conf, module, peer);
 
 #[cfg(test)]
 mod tests {

@@ -16,76 +16,18 @@ use ngx::ffi::{
     ngx_command_t, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_cycle_t,
     ngx_http_compile_complex_value, ngx_http_compile_complex_value_t, ngx_http_complex_value_t,
     ngx_http_conf_ctx_t, ngx_http_get_variable_index, ngx_http_module_t,
-    ngx_http_upstream_init_peer_pt, ngx_http_upstream_init_pt, ngx_http_upstream_init_round_robin,
-    ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_module_t, ngx_msec_t,
-    ngx_pcalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_TAKE1,
+    ngx_http_upstream_init_round_robin,
+    ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_module_t,
+    ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_TAKE1,
     NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG, NGX_LOG_NOTICE,
 };
 use ngx::{ngx_conf_log_error, ngx_log_debug_mask, ngx_log_error, ngx_string};
 
 use crate::args::{parse_keepalive, ArgError};
+use crate::conf::{KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
 use crate::peer;
 
-pub const NGX_OK: ngx_int_t = ngx::ffi::NGX_OK as ngx_int_t;
-pub const NGX_ERROR: ngx_int_t = ngx::ffi::NGX_ERROR as ngx_int_t;
 const NGX_CONF_ERROR: *mut c_char = usize::MAX as *mut c_char;
-const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
-const NGX_CONF_UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
-
-const DEFAULT_REQUESTS: ngx_uint_t = 1000;
-const DEFAULT_TIME: ngx_msec_t = 3_600_000;
-const DEFAULT_TIMEOUT: ngx_msec_t = 60_000;
-
-/// The slicing part of an upstream's configuration.
-pub struct SliceConf {
-    /// `slice_key`, evaluated once per request in init peer.
-    pub key: *mut ngx_http_complex_value_t,
-    /// `slice_conn`: fixed idle connections per bucket.
-    pub conn: Option<usize>,
-    /// `slice_dyn`: index of the variable read at free time; wins over conn.
-    pub dyn_index: Option<ngx_uint_t>,
-    pub dyn_name: ngx_str_t,
-    pub poolsize: usize,
-    pub keylen: usize,
-}
-
-/// Server (upstream) configuration. The three `ngx_conf_set_*_slot`
-/// fields keep nginx's types so the stock slot setters can fill them.
-pub struct KeepaliveConf {
-    pub requests: ngx_uint_t,
-    pub time: ngx_msec_t,
-    pub timeout: ngx_msec_t,
-
-    /// `keepalive` was given in this upstream (for "is duplicate").
-    pub configured: bool,
-    pub max_cached: usize,
-    pub local: bool,
-    pub slice: Option<SliceConf>,
-
-    pub original_init_upstream: ngx_http_upstream_init_pt,
-    pub original_init_peer: ngx_http_upstream_init_peer_pt,
-
-    /// The worker's idle cache, created with the configuration and freed
-    /// with the cycle's pool.
-    pub idle: *mut peer::IdleState,
-}
-
-impl KeepaliveConf {
-    fn new() -> Self {
-        KeepaliveConf {
-            requests: NGX_CONF_UNSET_UINT,
-            time: NGX_CONF_UNSET_MSEC,
-            timeout: NGX_CONF_UNSET_MSEC,
-            configured: false,
-            max_cached: 0,
-            local: false,
-            slice: None,
-            original_init_upstream: None,
-            original_init_peer: None,
-            idle: ptr::null_mut(),
-        }
-    }
-}
 
 static mut COMMANDS: [ngx_command_t; 5] = [
     ngx_command_t {
@@ -389,43 +331,5 @@ fn variable_index(cf: *mut ngx_conf_t, name: &[u8]) -> Option<(ngx_uint_t, ngx_s
             return None;
         }
         Some((index as ngx_uint_t, name))
-    }
-}
-
-/// Fills in the defaults of the `keepalive_*` directives, as nginx does when
-/// the upstream is initialised.
-pub fn apply_defaults(kcf: &mut KeepaliveConf) {
-    if kcf.requests == NGX_CONF_UNSET_UINT {
-        kcf.requests = DEFAULT_REQUESTS;
-    }
-    if kcf.time == NGX_CONF_UNSET_MSEC {
-        kcf.time = DEFAULT_TIME;
-    }
-    if kcf.timeout == NGX_CONF_UNSET_MSEC {
-        kcf.timeout = DEFAULT_TIMEOUT;
-    }
-}
-
-/// Registers `drop` of a boxed value with the configuration pool, so the
-/// value is freed with the cycle (reloads do not leak).
-///
-/// # Safety
-/// `cf` must be the live configuration.
-pub unsafe fn free_with_cycle<T>(cf: *mut ngx_conf_t, value: Box<T>) -> Option<*mut T> {
-    unsafe extern "C" fn drop_boxed<T>(data: *mut c_void) {
-        // SAFETY: data came from Box::into_raw below and is dropped once.
-        drop(unsafe { Box::from_raw(data as *mut T) });
-    }
-
-    // SAFETY: the cleanup entry is owned by the pool.
-    unsafe {
-        let cln = ngx_pool_cleanup_add((*cf).pool, 0);
-        if cln.is_null() {
-            return None;
-        }
-        let raw = Box::into_raw(value);
-        (*cln).handler = Some(drop_boxed::<T>);
-        (*cln).data = raw.cast();
-        Some(raw)
     }
 }

@@ -23,10 +23,7 @@ use ngx::{ngx_log_debug_mask, ngx_log_error};
 
 use crate::args::parse_number;
 use crate::cache::{boxed_slice, BucketKey, IdleCache, Refusal};
-use crate::module::{
-    apply_defaults, free_with_cycle, ngx_http_upstream_keepalive_slice_module, KeepaliveConf,
-    NGX_ERROR, NGX_OK,
-};
+use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, NGX_ERROR, NGX_OK};
 
 const NGX_DONE: ngx_int_t = ngx::ffi::NGX_DONE as ngx_int_t;
 const NGX_AGAIN: ngx_int_t = ngx::ffi::NGX_AGAIN as ngx_int_t;
@@ -166,17 +163,6 @@ pub unsafe extern "C" fn init_upstream(
         kcf.idle = idle;
     }
     NGX_OK
-}
-
-/// # Safety
-/// `us` must be an upstream configured with this module's `keepalive`.
-unsafe fn srv_conf(us: *mut ngx_http_upstream_srv_conf_t) -> *mut KeepaliveConf {
-    // SAFETY: srv_conf is indexed by ctx_index, as for every http module.
-    unsafe {
-        *(*us)
-            .srv_conf
-            .add(ngx_http_upstream_keepalive_slice_module.ctx_index) as *mut KeepaliveConf
-    }
 }
 
 /// `init peer`: once per request; evaluates the slice key.
