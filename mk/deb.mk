@@ -7,7 +7,16 @@
 #                  "make test NGINX=system" runs the suites against. The
 #                  version is Cargo.toml's; debian/changelog must have an
 #                  entry for it.
-.PHONY: deb deb-deps
+#   make test-deb  (as root) t/deb/package.t: lintian; apt-get install of the
+#                  package into this machine's nginx, nginx -t, the system
+#                  nginx started with a sliced upstream, per-Host reuse seen
+#                  in the backend's connection ids; remove and purge, nginx
+#                  still starts, nothing of the module left; a copy of the
+#                  package declaring another nginx ABI refused by apt, before
+#                  and while the real one is installed. Leaves the machine's
+#                  nginx packages, /etc/nginx/modules-enabled and
+#                  /usr/lib/nginx/modules as it found them (~10 s).
+.PHONY: deb test-deb deb-deps
 
 DEB_PACKAGE = libnginx-mod-http-upstream-keepalive-slice
 DEB_TOOLS   = debhelper dpkg-dev lintian
@@ -33,3 +42,9 @@ deb: deb-deps
 	debian/rules binary DEB_DESTDIR=$(CURDIR)/objs
 	@ls -l $(DEB_FILE)
 
+test-deb: deb
+	@if [ "$$(id -u)" != 0 ]; then \
+		echo "make test-deb installs and removes a package: run it as root" >&2; exit 1; \
+	fi
+	TEST_DEB=$(DEB_FILE) TEST_DEB_VERSION=$(CRATE_VERSION) \
+	PERL5LIB=$(CURDIR)/t/lib prove -v t/deb/package.t
