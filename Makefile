@@ -46,7 +46,7 @@ endif
 TEST_GLOBALS = load_module $(CURDIR)/objs/$(MODULE).so; $(ROOT_GLOBALS)
 
 .PHONY: all build test unit prove check demo bench deps deps-demo deps-bench clean \
-	test-without-stock test-debian test-nginx-build
+	test-without-stock test-debian debian-module test-nginx-build
 
 all: build
 
@@ -125,15 +125,30 @@ test-without-stock: deps
 DEBIAN_PACKAGES = nginx-core nginx-dev libnginx-mod-http-perl
 DEBIAN_DIR = $(CURDIR)/target/nginx-debian
 
-test-debian: deps
+DEBIAN_SO  = $(DEBIAN_DIR)/$(MODULE).so
+
+# The module for Debian's nginx, which test-debian runs and make deb
+# packages: a copy of nginx-dev's tree configured with its conf_flags
+# (configured again only when nginx-dev's version changes), the module
+# built against it, $(DEBIAN_SO).
+debian-module: deps
 	@sh .ci/packages $(DEBIAN_PACKAGES)
-	rm -rf $(DEBIAN_DIR)/src && mkdir -p $(DEBIAN_DIR) && cp -r /usr/share/nginx/src $(DEBIAN_DIR)/src
-	cd $(DEBIAN_DIR)/src && bash -c '. ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}"' > configure.log
+	set -e; stamp="$$(dpkg-query -W -f='$${Version}' nginx-dev)"; \
+	if [ ! -f $(DEBIAN_DIR)/src/objs/ngx_auto_config.h ] \
+		|| [ "$$(cat $(DEBIAN_DIR)/src.stamp 2>/dev/null)" != "$$stamp" ]; then \
+		rm -rf $(DEBIAN_DIR)/src $(DEBIAN_DIR)/src.stamp; mkdir -p $(DEBIAN_DIR); \
+		cp -r /usr/share/nginx/src $(DEBIAN_DIR)/src; \
+		cd $(DEBIAN_DIR)/src; \
+		bash -c '. ./conf_flags && ./configure "$${NGX_CONF_FLAGS[@]}"' > configure.log; \
+		echo "$$stamp" > $(DEBIAN_DIR)/src.stamp; \
+	fi
 	$(call module_for,$(DEBIAN_DIR)/src,$(DEBIAN_DIR)/cargo)
-	cp -f $(DEBIAN_DIR)/cargo/release/lib$(MODULE).so $(DEBIAN_DIR)/$(MODULE).so
+	cp -f $(DEBIAN_DIR)/cargo/release/lib$(MODULE).so $(DEBIAN_SO)
+
+test-debian: debian-module
 	TEST_NGINX_BINARY=/usr/sbin/nginx \
 	TEST_NGINX_MODULES=/usr/lib/nginx/modules \
-	TEST_NGINX_GLOBALS="load_module $(DEBIAN_DIR)/$(MODULE).so; $(ROOT_GLOBALS)" \
+	TEST_NGINX_GLOBALS="load_module $(DEBIAN_SO); $(ROOT_GLOBALS)" \
 	PERL5LIB=$(CURDIR)/t/lib \
 	prove -j$(PROVE_JOBS) t/
 
