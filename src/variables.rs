@@ -21,6 +21,8 @@ use ngx::ffi::{
     NGX_HTTP_VAR_NOCACHEABLE,
 };
 
+use ngx::ngx_log_debug_mask;
+
 use crate::conf::{NGX_ERROR, NGX_OK};
 use crate::report::{join_tries, Length, TryField, TryRecord, Writer};
 use crate::status::{cycle_main_conf, main_conf};
@@ -97,6 +99,13 @@ pub unsafe fn enable_recording(cycle: *mut ngx_cycle_t) {
         for served in &mcf.served {
             (*served.idle).log_tries = used;
         }
+        if used {
+            ngx_log_debug_mask!(
+                DebugMask::Core,
+                (*cycle).log,
+                "keepalive slice: $upstream_keepalive_* in use, recording upstream tries"
+            );
+        }
     }
 }
 
@@ -172,6 +181,12 @@ pub unsafe fn record_try(r: *mut ngx_http_request_t, reused: bool, requests: ngx
             requests: requests as u64,
             key: LoggedKey(key),
         });
+        ngx_log_debug_mask!(
+            DebugMask::Http,
+            (*(*r).connection).log,
+            "keepalive slice: try {} recorded",
+            (*states).nelts - 1
+        );
     }
 }
 

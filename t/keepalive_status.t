@@ -189,7 +189,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
 print(json.dumps(out))
 EOF
 
-$t->plan(67);
+$t->plan(68);
 
 ###############################################################################
 
@@ -289,6 +289,11 @@ is($s->{module_version}, '0.1.0', 'json: module version');
 like($s->{nginx_version}, qr/^\d+\.\d+\.\d+$/, 'json: nginx version');
 ok(!exists $s->{upstreams}{u_stock}, 'json: upstream without keepalive absent');
 ok(exists $s->{upstreams}{"we\"ird\\name"}, 'json: operator text as a key');
+
+# No $upstream_keepalive_* in this configuration: tries are not recorded.
+
+unlike($t->read_file('error.log'), qr/keepalive slice: try \d+ recorded/,
+	'variables unused: tries not recorded');
 
 ###############################################################################
 
