@@ -15,7 +15,7 @@ use core::ffi::c_void;
 use core::ptr;
 
 use ngx::ffi::{
-    ngx_array_create, ngx_array_push, ngx_array_t, ngx_conf_t, ngx_cycle_t, ngx_http_add_variable,
+    __BindgenBitfieldUnit, ngx_array_create, ngx_array_push, ngx_array_t, ngx_conf_t, ngx_cycle_t, ngx_http_add_variable,
     ngx_http_request_t, ngx_http_upstream_state_t, ngx_http_variable_value_t, ngx_int_t,
     ngx_pnalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t, NGX_HTTP_VAR_INDEXED,
     NGX_HTTP_VAR_NOCACHEABLE,
@@ -199,13 +199,9 @@ unsafe extern "C" fn variable(
     // states and tries arrays belong to the request.
     unsafe {
         let v = &mut *v;
-        v.set_valid(1);
-        v.set_no_cacheable(0);
-        v.set_not_found(0);
-
         let states = (*r).upstream_states;
         if states.is_null() || (*states).nelts == 0 {
-            v.set_not_found(1);
+            set_value(v, ptr::null_mut(), 0, true);
             return NGX_OK;
         }
         let field = match data {
@@ -222,6 +218,25 @@ unsafe extern "C" fn variable(
             (*(*log).tries).as_slice::<Try>()
         };
 
+        // One try, of ours: its value as it is (the common case).
+        if let ([only], [_]) = (tries, state) {
+            if only.state == 0 {
+                match field {
+                    TryField::Reused => {
+                        let flag: &'static [u8] = if only.reused { b"r" } else { b"." };
+                        // nginx only reads variable values.
+                        set_value(v, flag.as_ptr().cast_mut(), 1, false);
+                        return NGX_OK;
+                    }
+                    TryField::Key => {
+                        set_value(v, only.key.0.data, only.key.0.len, false);
+                        return NGX_OK;
+                    }
+                    TryField::Requests => {}
+                }
+            }
+        }
+
         let mut length = Length::default();
         join_tries(field, state.len(), has_peer, tries, &mut length);
         let p = ngx_pnalloc((*r).pool, length.0.max(1)) as *mut u8;
@@ -231,8 +246,30 @@ unsafe extern "C" fn variable(
         let buf = core::slice::from_raw_parts_mut(p, length.0);
         let mut writer = Writer::new(buf);
         join_tries(field, state.len(), has_peer, tries, &mut writer);
-        v.data = p;
-        v.set_len(writer.len as u32);
+        set_value(v, p, writer.len, false);
     }
     NGX_OK
+}
+
+/// Fills a variable value: valid, cacheable, found or not. The flags and
+/// the length share one 32-bit word; bindgen's setters write it a bit at
+/// a time (~300 instructions for the 28-bit length), so on little-endian
+/// machines the word is written at once, in bindgen's own bit order
+/// (`len` bits 0-27, `valid` 28, `no_cacheable` 29, `not_found` 30,
+/// `escape` 31).
+fn set_value(v: &mut ngx_http_variable_value_t, data: *mut u8, len: usize, not_found: bool) {
+    v.data = data;
+    #[cfg(target_endian = "little")]
+    {
+        let word = (len as u32 & 0x0fff_ffff) | 1 << 28 | u32::from(not_found) << 30;
+        v._bitfield_1 = __BindgenBitfieldUnit::new(word.to_le_bytes());
+    }
+    #[cfg(not(target_endian = "little"))]
+    {
+        v.set_len(len as u32);
+        v.set_valid(1);
+        v.set_no_cacheable(0);
+        v.set_not_found(u32::from(not_found));
+        v.set_escape(0);
+    }
 }
