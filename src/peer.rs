@@ -114,7 +114,9 @@ impl PeerData {
     /// The slice key as the cache compares it (cut to `slice_keylen`),
     /// for `$upstream_keepalive_key`.
     fn logged_key(&self) -> ngx_str_t {
-        match (&self.slice_key, unsafe { &(*self.conf).slice }) {
+        // SAFETY: conf is the upstream's configuration, live for the cycle.
+        let slice = unsafe { &(*self.conf).slice };
+        match (&self.slice_key, slice) {
             (SliceKey::Key(key), Some(slice)) => ngx_str_t {
                 len: key.len.min(slice.keylen),
                 data: key.data,
@@ -473,7 +475,11 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
     unsafe {
         let c = (*pc).connection;
         let idle = &mut *(*kp.conf).idle;
-        let (Some(key), Some(limit)) = (kp.bucket_key(pc), bucket_limit(kp, log)) else {
+        let Some(key) = kp.bucket_key(pc) else {
+            idle.count(Counter::NotKept(NotKept::Error));
+            return;
+        };
+        let Some(limit) = bucket_limit(kp, log) else {
             idle.count(Counter::NotKept(NotKept::Error));
             return;
         };

@@ -397,8 +397,15 @@ unsafe fn send(r: *mut ngx_http_request_t, content_type: &'static str, body: &[u
         out.content_type_lowcase = ptr::null_mut();
         out.content_length_n = body.len() as i64;
 
+        // HEAD gets the headers only. nginx says so in r->header_only,
+        // but the bindings misplace that bit on nginx 1.30 and later (the
+        // request's bitfields follow a new `in_port_t port` there, and
+        // bindgen lays them out from `uri_changes` on two bits early: the
+        // getter reads `pipeline`), so the method decides, as for
+        // stub_status; a 200 without Last-Modified or ETag is never
+        // made header-only by another filter.
         let rc = ngx_http_send_header(r);
-        if rc == NGX_ERROR || rc > NGX_OK || (*r).header_only() != 0 {
+        if rc == NGX_ERROR || rc > NGX_OK || (*r).method == NGX_HTTP_HEAD as ngx_uint_t {
             return rc;
         }
 

@@ -189,7 +189,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
 print(json.dumps(out))
 EOF
 
-$t->plan(68);
+$t->plan(69);
 
 ###############################################################################
 
@@ -480,6 +480,15 @@ like(http_get('/status?format=json'), qr/^Content-Type: application\/json\r?$/m,
 $r = http_head('/status');
 like($r, qr/^HTTP\/1\.\d 200/, 'HEAD');
 is(body_of($r), '', 'HEAD: no body');
+
+# pipelined requests each get their body (nginx 1.30+ bindings misplace
+# r->header_only onto r->pipeline)
+
+$r = http("GET /status HTTP/1.1\r\nHost: localhost\r\n\r\n"
+	. "GET /status?format=prometheus HTTP/1.1\r\nHost: localhost\r\n"
+	. "Connection: close\r\n\r\n");
+ok($r =~ /"module_version":"0\.1\.0"/ && $r =~ /^nginx_upstream_keepalive_module_info\{/m,
+	'pipelined: both bodies');
 
 ###############################################################################
 
