@@ -303,7 +303,7 @@ unlike($t->read_file('error.log'), qr/keepalive slice: try \d+ recorded/,
 # slice_conn=1: three requests for one host at once; at least two of them
 # are in one worker, which can keep only one of its connections.
 
-parallel_get('a.example', ('/conn1/sleep/300') x 3);
+parallel_get('a.example', ('/conn1/sleep/1000') x 3);
 my $full = errlog_count($t, qr/bucket for key "a\.example" is full/);
 wait_for(sub { backend_log_count(blog(8082), qr/^close /) >= $full });
 $u = up('u_conn1');
