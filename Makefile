@@ -21,7 +21,7 @@ PROVE_JOBS ?= 2
 
 # Debian packages the build and the tests need (bindgen needs libclang).
 BUILD_PACKAGES = make gcc libc6-dev libclang-dev libpcre2-dev libssl-dev zlib1g-dev
-TEST_PACKAGES  = perl libio-socket-ssl-perl memcached openssl
+TEST_PACKAGES  = perl libio-socket-ssl-perl memcached openssl python3-prometheus-client
 DEMO_PACKAGES  = apache2 libapache2-mpm-itk curl
 BENCH_PACKAGES = wrk
 

@@ -80,6 +80,18 @@ my @CONFIGS = (
 		ka => 'keepalive 4096;', many => 1, hosts => 1 },
 	{ name => "ours, $SERVERS servers `random` `keepalive 4096`", kind => 'ours',
 		ka => 'keepalive 4096;', many => 1, hosts => 1 },
+	# The cost of $upstream_keepalive_*: the same access log line with and
+	# without them (the difference is recording the tries and printing).
+	{ name => 'ours sliced, access log', kind => 'ours', log => 'plain',
+		ka => 'keepalive 64 slice_key=$host slice_conn=8;', hosts => 16 },
+	{ name => 'ours sliced, access log with `$upstream_keepalive_*`', kind => 'ours',
+		log => 'variables', ka => 'keepalive 64 slice_key=$host slice_conn=8;', hosts => 16 },
+);
+
+my %LOG_FORMAT = (
+	plain => '$remote_addr $host $upstream_addr $upstream_status',
+	variables => '$remote_addr $host $upstream_addr $upstream_status'
+		. ' $upstream_keepalive_reused $upstream_keepalive_requests $upstream_keepalive_key',
 );
 
 ###############################################################################
@@ -109,6 +121,9 @@ for my $c (@CONFIGS) {
 		: "        server 127.0.0.1:$backend_port;\n";
 	my $load = $c->{kind} eq 'ours' ? "load_module $SO;" : '';
 	my $out = "$tmp/callgrind.out.$i";
+	my $log = $c->{log}
+		? "log_format f '$LOG_FORMAT{$c->{log}}';\n    access_log $tmp/front$i/logs/access.log f;"
+		: 'access_log off;';
 	print "profiling $c->{name} ...\n";
 	my $pid = start_nginx("front$i", $front_port,
 		[ 'valgrind', '--tool=callgrind', "--callgrind-out-file=$out" ], <<"EOF");
@@ -119,7 +134,7 @@ worker_processes 1;
 error_log $tmp/front$i/logs/error.log warn;
 events { worker_connections 16384; }
 http {
-    access_log off;
+    $log
     upstream u {
 $members        $c->{ka}
     }

@@ -17,7 +17,8 @@
 #   sliced   keepalive 32 slice_key=$host slice_conn=8;
 #
 # sends the same mix of GETs and POSTs over the three vhosts through each,
-# and prints what happened.  Exit status 0 when the sliced instance had no
+# and prints what happened, with the module's status page (keepalive_status)
+# before and after the sliced run, checked against Apache's own log.  Exit status 0 when the sliced instance had no
 # failed request and reused more than 90% of its upstream connections.
 #
 # Run as root: perl demo/demo.pl (from anywhere; objs/ is found beside demo/)
@@ -31,6 +32,7 @@ use warnings;
 use FindBin;
 use IO::Select;
 use IO::Socket::INET;
+use JSON::PP ();
 use POSIX ();
 use Time::HiRes qw(time sleep);
 
@@ -121,8 +123,11 @@ printf "\n%d requests per instance from %d concurrent keep-alive clients:\n"
 	. "GET / and (one in three) POST /post, over %s\n",
 	$REQUESTS, $CLIENTS, join(', ', @HOSTS);
 
+my ($shared, $sliced) = @INSTANCES;
+
 for my $inst (@INSTANCES) {
 	$inst->{log_offset} = -s $apache_log // 0;
+	show_status($inst, 'before the run') if $inst == $sliced;
 	run_traffic($inst);
 }
 
@@ -131,7 +136,9 @@ for my $inst (@INSTANCES) {
 	print_table($inst);
 }
 
-my ($shared, $sliced) = @INSTANCES;
+show_status($sliced, 'after the run');
+show_scrape($sliced);
+
 my $ok = $sliced->{failed} == 0 && $sliced->{wrong} == 0
 	&& $sliced->{reuse} > 0.90;
 
@@ -330,6 +337,13 @@ http {
     server {
         listen 127.0.0.1:$inst->{port};
 
+        # the module's counters; access control is nginx's own
+        location = /keepalive-status {
+            keepalive_status;
+            allow 127.0.0.1;
+            deny all;
+        }
+
         location / {
             proxy_pass http://apache;
             proxy_http_version 1.1;
@@ -467,9 +481,49 @@ sub collect_stats ($inst) {
 		$conns{"$pid:$rport"} = 1;
 	}
 	$inst->{opened} = keys %conns;
+
+	# The module's own account of the same traffic.
+	$inst->{status} = status_page($inst);
 	$inst->{reuse} = $inst->{upstream_requests}
 		? 1 - $inst->{opened} / $inst->{upstream_requests}
 		: 0;
+}
+
+sub sum_values ($h) {
+	my $n = 0;
+	$n += $_ for values %$h;
+	return $n;
+}
+
+# The status page of an instance: its upstream's numbers (JSON), or the
+# page as it comes with $format = 'prometheus'.
+sub status_page ($inst, $format = 'json') {
+	my $s = connect_port($inst->{port}) or return;
+	my $query = $format eq 'json' ? '' : "?format=$format";
+	my ($status, $body) = exchange($s, 'GET', 'localhost',
+		"/keepalive-status$query");
+	return unless ($status // '') eq '200';
+	return $body unless $format eq 'json';
+	my $json = eval { JSON::PP::decode_json($body) } or return;
+	return $json->{upstreams}{apache};
+}
+
+sub show_status ($inst, $when) {
+	my $s = connect_port($inst->{port}) or die "connect: $!\n";
+	my ($status, $body) = exchange($s, 'GET', 'localhost', '/keepalive-status');
+	($status // '') eq '200'
+		or die "nginx $inst->{name}: /keepalive-status: " . ($status // 'no answer') . "\n";
+	printf "\nstatus page of nginx %s %s (GET /keepalive-status):\n%s",
+		$inst->{name}, $when, $body;
+}
+
+# The Prometheus scrape, without the zero samples of the reasons.
+sub show_scrape ($inst) {
+	my $text = status_page($inst, 'prometheus')
+		// die "nginx $inst->{name}: no Prometheus scrape\n";
+	my @lines = grep { !/^#/ && !/reason="[^"]*"\} 0$/ } split /\n/, $text;
+	printf "\nits Prometheus scrape (GET /keepalive-status?format=prometheus),"
+		. " reasons at 0 left out:\n%s\n", join("\n", @lines);
 }
 
 sub failure_kinds ($inst) {
@@ -502,6 +556,16 @@ sub print_table ($inst) {
 			sprintf('%.0f', $inst->{requests} / $inst->{elapsed}) ],
 	);
 	push @rows, [ 'wrong response bodies', $inst->{wrong} ] if $inst->{wrong};
+	if (my $u = $inst->{status}) {
+		my $nk = join ', ', map { "$_ $u->{not_kept}{$_}" }
+			grep { $u->{not_kept}{$_} } sort keys %{$u->{not_kept}};
+		push @rows,
+			[ 'keepalive_status: missed', $u->{missed},
+				'tries that opened a connection' ],
+			[ '                  reused', $u->{reused},
+				'tries on a cached connection' ],
+			[ '                  not kept', sum_values($u->{not_kept}), $nk ];
+	}
 
 	printf "\n%s: %s  (%s)\n", $inst->{name}, $inst->{ka}, $inst->{title};
 	for my $r (@rows) {

@@ -18,18 +18,19 @@ use ngx::ffi::{
     ngx_http_conf_ctx_t, ngx_http_get_variable_index, ngx_http_module_t,
     ngx_http_upstream_init_round_robin,
     ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_module_t,
-    ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_TAKE1,
-    NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG, NGX_LOG_NOTICE,
+    ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1,
+    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG, NGX_LOG_NOTICE,
 };
 use ngx::{ngx_conf_log_error, ngx_log_debug_mask, ngx_log_error, ngx_string};
 
 use crate::args::{parse_keepalive, ArgError};
-use crate::conf::{KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
-use crate::peer;
+use crate::conf::{free_with_cycle, KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
+use crate::status::MainConf;
+use crate::{peer, status, variables};
 
 const NGX_CONF_ERROR: *mut c_char = usize::MAX as *mut c_char;
 
-static mut COMMANDS: [ngx_command_t; 5] = [
+static mut COMMANDS: [ngx_command_t; 6] = [
     ngx_command_t {
         name: ngx_string!("keepalive"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -62,13 +63,21 @@ static mut COMMANDS: [ngx_command_t; 5] = [
         offset: offset_of!(KeepaliveConf, requests),
         post: ptr::null_mut(),
     },
+    ngx_command_t {
+        name: ngx_string!("keepalive_status"),
+        type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(status::keepalive_status_directive),
+        conf: NGX_HTTP_LOC_CONF_OFFSET,
+        offset: 0,
+        post: ptr::null_mut(),
+    },
     ngx_command_t::empty(),
 ];
 
 static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: None,
-    postconfiguration: None,
-    create_main_conf: None,
+    preconfiguration: Some(preconfiguration),
+    postconfiguration: Some(postconfiguration),
+    create_main_conf: Some(create_main_conf),
     init_main_conf: None,
     create_srv_conf: Some(create_srv_conf),
     merge_srv_conf: None,
@@ -84,6 +93,7 @@ pub static mut ngx_http_upstream_keepalive_slice_module: ngx_module_t = ngx_modu
     commands: ptr::addr_of_mut!(COMMANDS) as *mut ngx_command_t,
     type_: NGX_HTTP_MODULE as ngx_uint_t,
     init_module: Some(init_module),
+    init_process: Some(init_process),
     ..ngx_module_t::default()
 };
 
@@ -102,7 +112,36 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         log,
         "keepalive slice module {VERSION} (built for nginx {built_for})"
     );
+    // SAFETY: the cycle is complete: its variables are resolved.
+    unsafe { variables::enable_recording(cycle) };
     NGX_OK
+}
+
+/// Each worker (or the single process) picks its counter slots.
+unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
+    // SAFETY: nginx calls init_process with the worker's cycle.
+    unsafe { status::start_worker(cycle) };
+    NGX_OK
+}
+
+/// The `$upstream_keepalive_*` variables exist before any directive may
+/// use them.
+unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+    // SAFETY: nginx calls preconfiguration with the live configuration.
+    unsafe { variables::register(cf) }
+}
+
+/// Every upstream is initialised: the counters' zone can be sized.
+unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+    // SAFETY: nginx calls postconfiguration with the live configuration.
+    unsafe { status::add_zone(cf) }
+}
+
+unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {
+    // SAFETY: cf is the live configuration; the conf is freed with the
+    // cycle's pool.
+    unsafe { free_with_cycle(cf, Box::new(MainConf::new())) }
+        .map_or(ptr::null_mut(), |conf| conf.cast())
 }
 
 /// A `*const` that may live in a static: the tables below are read-only

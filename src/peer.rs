@@ -24,6 +24,8 @@ use ngx::{ngx_log_debug_mask, ngx_log_error};
 use crate::args::parse_number;
 use crate::cache::{boxed_slice, BucketKey, IdleCache, Refusal};
 use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, NGX_ERROR, NGX_OK};
+use crate::stats::{Closed, Counter, NotKept, UpstreamStats};
+use crate::variables;
 
 const NGX_DONE: ngx_int_t = ngx::ffi::NGX_DONE as ngx_int_t;
 const NGX_AGAIN: ngx_int_t = ngx::ffi::NGX_AGAIN as ngx_int_t;
@@ -41,6 +43,19 @@ pub struct SlotHandle {
 pub struct IdleState {
     cache: IdleCache<*mut ngx_connection_t>,
     handles: Box<[SlotHandle]>,
+    /// This worker's counters for the upstream (the status page).
+    pub stats: UpstreamStats,
+    /// The configuration uses `$upstream_keepalive_*`: record each try.
+    pub log_tries: bool,
+}
+
+impl IdleState {
+    /// Counts an event that may have changed the buckets in use.
+    #[inline]
+    fn count(&mut self, counter: Counter) {
+        self.stats
+            .count_with_buckets(counter, self.cache.buckets_in_use());
+    }
 }
 
 /// Per-request peer data, from the request pool.
@@ -93,6 +108,20 @@ impl PeerData {
                 0
             };
             Some(BucketKey { addr, slice, tag })
+        }
+    }
+
+    /// The slice key as the cache compares it (cut to `slice_keylen`),
+    /// for `$upstream_keepalive_key`.
+    fn logged_key(&self) -> ngx_str_t {
+        // SAFETY: conf is the upstream's configuration, live for the cycle.
+        let slice = unsafe { &(*self.conf).slice };
+        match (&self.slice_key, slice) {
+            (SliceKey::Key(key), Some(slice)) => ngx_str_t {
+                len: key.len.min(slice.keylen),
+                data: key.data,
+            },
+            _ => ngx_str_t::empty(),
         }
     }
 }
@@ -154,7 +183,13 @@ pub unsafe extern "C" fn init_upstream(
             keylen,
             cache.memory_bytes() + handles.len() * size_of::<SlotHandle>()
         );
-        let Some(idle) = free_with_cycle(cf, Box::new(IdleState { cache, handles })) else {
+        let state = IdleState {
+            cache,
+            handles,
+            stats: UpstreamStats::new(),
+            log_tries: false,
+        };
+        let Some(idle) = free_with_cycle(cf, Box::new(state)) else {
             return NGX_ERROR;
         };
         for handle in (*idle).handles.iter_mut() {
@@ -259,11 +294,21 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             return rc;
         }
 
-        let Some(key) = kp.bucket_key(pc) else {
-            return NGX_OK;
-        };
         let idle = &mut *(*kp.conf).idle;
-        let Some(c) = idle.cache.take(&key) else {
+        let taken = match kp.bucket_key(pc) {
+            Some(key) => idle.cache.take(&key),
+            None => None,
+        };
+        idle.stats.count(match taken {
+            Some(_) => Counter::Reused,
+            None => Counter::Missed,
+        });
+        if idle.log_tries {
+            // nginx counts this request on the connection right after.
+            let requests = taken.map_or(1, |c| (*c).requests + 1);
+            variables::record_try(kp.request, taken.is_some(), requests, kp.logged_key());
+        }
+        let Some(c) = taken else {
             return NGX_OK;
         };
 
@@ -311,12 +356,19 @@ unsafe fn unkeepable(
     kp: &PeerData,
     pc: *mut ngx_peer_connection_t,
     state: ngx_uint_t,
-) -> Option<&'static str> {
+) -> Option<(NotKept, &'static str)> {
     // SAFETY: see above.
     unsafe {
         let c = (*pc).connection;
         if state & NGX_PEER_FAILED != 0 || c.is_null() {
-            return Some("peer failed");
+            return Some((NotKept::Error, "peer failed"));
+        }
+        // Before the connection's own state: a backend that answers
+        // "Connection: close" often sends its FIN with the response, and
+        // its reason is the response, not an error.
+        let u = kp.upstream;
+        if (*u).keepalive() == 0 {
+            return Some((NotKept::ResponseNotKeepalive, "response not keepalive"));
         }
         let (rev, wev) = ((*c).read, (*c).write);
         if (*rev).eof() != 0
@@ -325,28 +377,24 @@ unsafe fn unkeepable(
             || (*wev).error() != 0
             || (*wev).timedout() != 0
         {
-            return Some("connection error");
+            return Some((NotKept::Error, "connection error"));
         }
         let kcf = &*kp.conf;
         if (*c).requests >= kcf.requests {
-            return Some("keepalive_requests reached");
+            return Some((NotKept::Requests, "keepalive_requests reached"));
         }
         if ngx_current_msec.wrapping_sub((*c).start_time) > kcf.time {
-            return Some("keepalive_time reached");
-        }
-        let u = kp.upstream;
-        if (*u).keepalive() == 0 {
-            return Some("response not keepalive");
+            return Some((NotKept::Time, "keepalive_time reached"));
         }
         if (*u).request_body_sent() == 0 {
-            return Some("request body not sent");
+            return Some((NotKept::RequestBodyUnsent, "request body not sent"));
         }
         // Graceful shutdown must not create new idle connections.
         if ngx_terminate != 0 || ngx_exiting != 0 {
-            return Some("exiting");
+            return Some((NotKept::Shutdown, "exiting"));
         }
         if ngx_handle_read_event(rev, 0) != NGX_OK {
-            return Some("read event");
+            return Some((NotKept::Error, "read event"));
         }
         None
     }
@@ -400,13 +448,14 @@ unsafe extern "C" fn free_peer(
         let log = (*pc).log;
         ngx_log_debug_mask!(DebugMask::Http, log, "free keepalive slice peer");
 
-        if let Some(reason) = unkeepable(kp, pc, state) {
+        if let Some((reason, text)) = unkeepable(kp, pc, state) {
             ngx_log_debug_mask!(
                 DebugMask::Http,
                 log,
                 "free keepalive slice peer: not saving: {}",
-                reason
+                text
             );
+            (*(*kp.conf).idle).count(Counter::NotKept(reason));
         } else {
             keep(kp, pc, log);
         }
@@ -425,18 +474,21 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
     // SAFETY: see above.
     unsafe {
         let c = (*pc).connection;
+        let idle = &mut *(*kp.conf).idle;
         let Some(key) = kp.bucket_key(pc) else {
+            idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
         let Some(limit) = bucket_limit(kp, log) else {
+            idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
-        let idle = &mut *(*kp.conf).idle;
 
         let stored = match idle.cache.store(&key, c, limit) {
             Ok(stored) => stored,
             Err(refusal) => {
                 log_refusal(log, &refusal, key.slice);
+                idle.count(Counter::NotKept(not_kept_because(&refusal)));
                 return;
             }
         };
@@ -447,10 +499,13 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
         let Some(handle) = idle.handles.get_mut(stored.slot).map(ptr::from_mut) else {
             idle.cache.remove(stored.slot);
             if let Some(evicted) = stored.evicted {
+                idle.count(Counter::Evicted);
                 close_connection(evicted);
             }
+            idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
+        idle.count(Counter::Kept);
 
         ngx_log_debug_mask!(
             DebugMask::Http,
@@ -466,6 +521,7 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
                 "keepalive slice: evicting connection {:p}",
                 evicted
             );
+            idle.count(Counter::Evicted);
             close_connection(evicted);
         }
 
@@ -489,6 +545,16 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
         if (*rev).ready() != 0 {
             close_handler(rev);
         }
+    }
+}
+
+/// The status page's reason for a refusal of the cache.
+fn not_kept_because(refusal: &Refusal) -> NotKept {
+    match refusal {
+        Refusal::ZeroLimit => NotKept::LimitZero,
+        Refusal::BucketFull { .. } => NotKept::BucketFull,
+        Refusal::PoolExhausted { .. } => NotKept::NoFreeBucket,
+        Refusal::Unusable => NotKept::Error,
     }
 }
 
@@ -535,7 +601,11 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
 
         let c = (*ev).data as *mut ngx_connection_t;
 
-        if (*c).close() == 0 && (*(*c).read).timedout() == 0 {
+        let reason = if (*c).close() != 0 {
+            Closed::Shutdown
+        } else if (*(*c).read).timedout() != 0 {
+            Closed::Timeout
+        } else {
             let mut buf = [0u8; 1];
             let n = libc::recv((*c).fd, buf.as_mut_ptr().cast(), 1, libc::MSG_PEEK);
             if n == -1 && ngx_socket_errno() == NGX_EAGAIN as i32 {
@@ -545,11 +615,19 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
                 if ngx_handle_read_event((*c).read, 0) == NGX_OK {
                     return;
                 }
+                Closed::Error
+            } else if n > 0 {
+                Closed::UnexpectedData
+            } else {
+                // EOF, or an error such as a reset: the server's doing.
+                Closed::Server
             }
-        }
+        };
 
         let handle = &*((*c).data as *const SlotHandle);
-        (*handle.idle).cache.remove(handle.slot);
+        let idle = &mut *handle.idle;
+        idle.cache.remove(handle.slot);
+        idle.count(Counter::Closed(reason));
         close_connection(c);
     }
 }
