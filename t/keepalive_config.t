@@ -89,7 +89,7 @@ EOF
 my $n = 0;
 
 sub test_conf {
-	my ($conf) = @_;
+	my ($t, $conf) = @_;
 	return nginx_test_config($t, 'test' . ++$n . '.conf', $conf,
 		'error.log');
 }
@@ -97,9 +97,9 @@ sub test_conf {
 # "nginx -t" must fail, with the [emerg] line matching $re.
 
 sub bad {
-	my ($upstream, $re, $name) = @_;
+	my ($t, $upstream, $re, $name) = @_;
 
-	my ($status, $out) = test_conf(conf($upstream));
+	my ($status, $out) = test_conf($t, conf($upstream));
 
 	subtest $name => sub {
 		plan(tests => 2);
@@ -111,9 +111,9 @@ sub bad {
 # "nginx -t" must succeed.
 
 sub good {
-	my ($name, $upstream, %extra) = @_;
+	my ($t, $name, $upstream, %extra) = @_;
 
-	my ($status, $out) = test_conf(conf($upstream, %extra));
+	my ($status, $out) = test_conf($t, conf($upstream, %extra));
 
 	subtest $name => sub {
 		plan(tests => 2);
@@ -128,52 +128,52 @@ $t->plan(23);
 
 # bad values
 
-bad('keepalive abc;',
+bad($t, 'keepalive abc;',
 	qr/invalid value "abc" in "keepalive" directive/,
 	'keepalive abc');
-bad('keepalive -1;',
+bad($t, 'keepalive -1;',
 	qr/invalid value "-1" in "keepalive" directive/,
 	'keepalive -1');
-bad('keepalive 8 foo;',
+bad($t, 'keepalive 8 foo;',
 	qr/invalid parameter "foo" in "keepalive" directive/,
 	'keepalive 8 foo');
-bad('keepalive 8 local local;',
+bad($t, 'keepalive 8 local local;',
 	qr/duplicate parameter "local" in "keepalive" directive/,
 	'keepalive 8 local local');
-bad("keepalive 8;\n keepalive 4;",
+bad($t, "keepalive 8;\n keepalive 4;",
 	qr/"keepalive" directive is duplicate/,
 	'keepalive twice');
-bad('keepalive;',
+bad($t, 'keepalive;',
 	qr/invalid number of arguments in "keepalive" directive/,
 	'keepalive without arguments');
-bad("keepalive 8;\n keepalive_timeout abc;",
+bad($t, "keepalive 8;\n keepalive_timeout abc;",
 	qr/"keepalive_timeout" directive invalid value/,
 	'keepalive_timeout abc');
-bad("keepalive 8;\n keepalive_time 1x;",
+bad($t, "keepalive 8;\n keepalive_time 1x;",
 	qr/"keepalive_time" directive invalid value/,
 	'keepalive_time 1x');
-bad("keepalive 8;\n keepalive_requests abc;",
+bad($t, "keepalive 8;\n keepalive_requests abc;",
 	qr/"keepalive_requests" directive invalid number/,
 	'keepalive_requests abc');
 
 # good values
 
-good('keepalive 0', 'keepalive 0;');
-good('keepalive 16 local', 'keepalive 16 local;');
-good('keepalive_* after keepalive',
+good($t, 'keepalive 0', 'keepalive 0;');
+good($t, 'keepalive 16 local', 'keepalive 16 local;');
+good($t, 'keepalive_* after keepalive',
 	"keepalive 8;\n keepalive_timeout 30s;\n keepalive_requests 10;\n"
 	. " keepalive_time 1h;");
-good('keepalive_* before keepalive',
+good($t, 'keepalive_* before keepalive',
 	"keepalive_timeout 30s;\n keepalive_requests 10;\n"
 	. " keepalive_time 1h;\n keepalive 8;");
-good('keepalive_* without keepalive',
+good($t, 'keepalive_* without keepalive',
 	"keepalive_timeout 30s;\n keepalive_requests 10;\n keepalive_time 1h;");
-good('slice parameters', 'keepalive 8 slice_key=$host slice_conn=2;');
+good($t, 'slice parameters', 'keepalive 8 slice_key=$host slice_conn=2;');
 
 my $client = 'keepalive_timeout 30s 20s; keepalive_requests 50; '
 	. 'keepalive_time 10m;';
 
-good('client side keepalive_* at every level', 'keepalive 8;',
+good($t, 'client side keepalive_* at every level', 'keepalive 8;',
 	http => $client, server => $client, location => $client);
 
 # the module is the one handling "keepalive": nginx 1.28's own module takes
@@ -193,7 +193,7 @@ SKIP: {
 
 	$conf =~ s/%%TEST_GLOBALS%%\n%%NO_MODULE%%/$globals/;
 
-	my ($status, $out) = test_conf($conf);
+	my ($status, $out) = test_conf($t, $conf);
 
 	like($out, qr/\[emerg\] (invalid number of arguments in|unknown directive) "keepalive"/,
 		'without the module: "local" refused');

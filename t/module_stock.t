@@ -18,7 +18,7 @@ BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's
 
 use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of /;
-use Test::Nginx::Keepalive qw/ slice_module /;
+use Test::Nginx::Keepalive qw/ reload_wait slice_module /;
 
 ###############################################################################
 
@@ -82,7 +82,7 @@ $t->plan(5);
 # Configuration-time debug lines reach error.log on a reload (at the first
 # start nginx logs at "notice" until the configuration is read).
 
-$t->reload();
+reload_wait($t);
 
 my $stock = `$Test::Nginx::NGINX -V 2>&1` !~ /--without-http_upstream_keepalive_module/;
 my $log = $t->read_file('error.log');
