@@ -96,7 +96,7 @@ test-asan: memcheck-build
 	TMPDIR=$(MEMCHECK_DIR)/tmp TEST_NGINX_LEAVE=1 \
 	TEST_NGINX_BINARY=$(CURDIR)/t/memcheck/nginx \
 	TEST_NGINX_GLOBALS="load_module $(MEMCHECK_SO); $(ROOT_GLOBALS) $(TEST_NGINX_GLOBALS)" \
-	PERL5LIB=$(CURDIR)/t/lib$${PERL5LIB:+:$$PERL5LIB} \
+	PERL5LIB=$(TEST_PERL5LIB) \
 		timeout -k 10 $(MEMCHECK_TIMEOUT) prove -j$(PROVE_JOBS) $(or $(MEMCHECK_TESTS),t/); \
 	rc=$$?; \
 	for f in $(MEMCHECK_DIR)/tmp/*/nginx.pid; do \
