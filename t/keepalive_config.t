@@ -124,7 +124,7 @@ sub good {
 
 ###############################################################################
 
-$t->plan(23);
+$t->plan(25);
 
 # bad values
 
@@ -176,28 +176,49 @@ my $client = 'keepalive_timeout 30s 20s; keepalive_requests 50; '
 good($t, 'client side keepalive_* at every level', 'keepalive 8;',
 	http => $client, server => $client, location => $client);
 
-# the module is the one handling "keepalive": nginx 1.28's own module takes
-# exactly one argument, so "local" is refused without the module (and an
-# nginx built --without-http_upstream_keepalive_module knows no "keepalive");
-# a module linked in with --add-module cannot be left out
+# the module is the one handling "keepalive": without it, nginx's own
+# module refuses the slice parameters (on every version: it takes one
+# argument, or two from 1.29.7 on), and an nginx built
+# --without-http_upstream_keepalive_module knows no "keepalive" at all.
+# "local" is nginx's own from 1.29.7 on, accepted without the module
+# there, and refused before.  A module linked in with --add-module cannot
+# be left out.
 
 SKIP: {
-	skip 'module linked into nginx, cannot be left out', 2
+	skip 'module linked into nginx, cannot be left out', 4
 		unless ($ENV{TEST_NGINX_GLOBALS} // '') =~ /keepalive_slice/;
-
-	(my $conf = conf('keepalive 8 local;'))
-		=~ s/%%TEST_GLOBALS%%/%%TEST_GLOBALS%%\n%%NO_MODULE%%/;
 
 	my $globals = $t->test_globals();
 	$globals =~ s/load_module\s+\S*keepalive_slice\S*\s*;//g;
 
-	$conf =~ s/%%TEST_GLOBALS%%\n%%NO_MODULE%%/$globals/;
+	my $without_module = sub {
+		(my $conf = conf(shift))
+			=~ s/%%TEST_GLOBALS%%/%%TEST_GLOBALS%%\n%%NO_MODULE%%/;
+		$conf =~ s/%%TEST_GLOBALS%%\n%%NO_MODULE%%/$globals/;
+		return test_conf($t, $conf);
+	};
 
-	my ($status, $out) = test_conf($t, $conf);
+	my $stock = `$Test::Nginx::NGINX -V 2>&1`
+		!~ /--without-http_upstream_keepalive_module/;
+	my $refused = qr/\[emerg\] (invalid number of arguments in|unknown directive) "keepalive"/;
 
-	like($out, qr/\[emerg\] (invalid number of arguments in|unknown directive) "keepalive"/,
-		'without the module: "local" refused');
+	my ($status, $out) = $without_module->(
+		'keepalive 8 slice_key=$host slice_conn=2;');
+
+	like($out, $refused, 'without the module: slice parameters refused');
 	isnt($status, 0, 'without the module: nginx -t fails');
+
+	($status, $out) = $without_module->('keepalive 8 local;');
+
+	if ($stock && $t->has_version('1.29.7')) {
+		is($status, 0, 'without the module: "local" is nginx\'s own '
+			. 'from 1.29.7, accepted');
+		unlike($out, qr/\[emerg\]/, 'without the module: no emerg');
+	} else {
+		like($out, $refused, 'without the module: "local" refused '
+			. ($stock ? 'before nginx 1.29.7' : 'without the stock module'));
+		isnt($status, 0, 'without the module: "local" fails nginx -t');
+	}
 }
 
 # at run time: keepalive_requests given before keepalive takes effect, and
