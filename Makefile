@@ -19,6 +19,11 @@
 #   make build NGINX_SOURCE_DIR=/path/to/nginx NGINX_BUILD_DIR=/path/to/nginx/objs
 
 MODULE      = ngx_http_upstream_keepalive_slice_module
+
+# NGINX=... (system, 1.31.4) chooses the nginx to test; it must not reach
+# nginx's environment, where NGINX lists the sockets inherited across a
+# binary upgrade ("invalid socket number" otherwise).
+unexport NGINX
 CARGO      ?= cargo
 PROVE_JOBS ?= 2
 
@@ -86,13 +91,19 @@ prove:
 	PERL5LIB=$(TEST_PERL5LIB) \
 	prove -j$(PROVE_JOBS) t/
 
+# The nginx release bundled with the nginx-src crate (its version is
+# "<crate>+<nginx>"), and NGINX_RELEASE: the release NGINX=X.Y.Z names when
+# it is another one (empty for the bundled one, for "system" and unset).
+NGINX_BUNDLED_VERSION = $(shell sed -n '/^name = "nginx-src"$$/{n;s/^version = ".*+\(.*\)"$$/\1/p}' Cargo.lock)
+NGINX_RELEASE = $(if $(filter-out system,$(NGINX)),$(filter-out $(NGINX_BUNDLED_VERSION),$(NGINX)))
+
 # make test NGINX=system: the same, against the nginx installed by the
 # system's packages (Debian's) instead of the vendored one; NGINX=X.Y.Z:
 # against that nginx release (mk/versions.mk); NGINX=<the bundled version>
 # is plain make test.
 ifeq ($(NGINX),system)
 test: deps unit test-debian
-else ifneq ($(filter-out $(NGINX_BUNDLED_VERSION),$(NGINX)),)
+else ifneq ($(NGINX_RELEASE),)
 test: deps unit test-version
 else
 test: deps build unit prove

@@ -18,10 +18,6 @@
 # dependencies compile once) and copied next to that nginx.
 .PHONY: test-version nginx-tarball nginx-version-build
 
-# The nginx the bundled build is: a version equal to it means the bundled one.
-NGINX_BUNDLED_VERSION = $(shell sed -n 's/^\#define NGINX_VERSION *"\(.*\)"/\1/p' \
-	$(NGINX_VENDORED_SRC)/src/core/nginx.h)
-
 # Configured as nginx-sys configures the bundled nginx (its
 # NGINX_CONFIGURE_BASE) plus .cargo/config.toml's --with-debug: the suites
 # read the debug log, speak HTTP/2 and TLS to backends, and check stream.
