@@ -104,7 +104,7 @@ NGINX_RELEASE = $(if $(filter-out system,$(NGINX)),$(filter-out $(NGINX_BUNDLED_
 ifeq ($(NGINX),system)
 test: deps unit test-debian
 else ifneq ($(NGINX_RELEASE),)
-test: deps unit test-version
+test: nginx-tarball deps unit test-version
 else
 test: deps build unit prove
 endif
