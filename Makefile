@@ -11,11 +11,19 @@
 #                             (also: make test NGINX=system)
 #   make test-nginx-build     nginx's own build system: --add-dynamic-module and
 #                             --add-module builds of the vendored source, smoke-tested
+#   make test NGINX=1.31.4 [NGINX_TARBALLS=DIR]
+#                             the suites against another nginx release (mk/versions.mk)
+#   make test TEST_NGINX_LIB=DIR   the suites under nginx's own Test::Nginx library
 #
 # Your own nginx instead of the vendored one (configured --with-compat):
 #   make build NGINX_SOURCE_DIR=/path/to/nginx NGINX_BUILD_DIR=/path/to/nginx/objs
 
 MODULE      = ngx_http_upstream_keepalive_slice_module
+
+# NGINX=... (system, 1.31.4) chooses the nginx to test; it must not reach
+# nginx's environment, where NGINX lists the sockets inherited across a
+# binary upgrade ("invalid socket number" otherwise).
+unexport NGINX
 CARGO      ?= cargo
 PROVE_JOBS ?= 2
 
@@ -72,16 +80,31 @@ build:
 unit:
 	$(CARGO) test $(CARGO_FLAGS) --lib
 
+# The Test::Nginx the suites use: ours (t/lib), or with TEST_NGINX_LIB=DIR
+# nginx's own library from DIR ahead of it (t/lib/Test/Nginx/*.pm, this
+# project's helpers, still come from t/lib).
+TEST_PERL5LIB = $(if $(TEST_NGINX_LIB),$(abspath $(TEST_NGINX_LIB)):)$(CURDIR)/t/lib$${PERL5LIB:+:$$PERL5LIB}
+
 prove:
 	TEST_NGINX_BINARY=$(CURDIR)/objs/nginx \
 	TEST_NGINX_GLOBALS="$(TEST_GLOBALS) $(TEST_NGINX_GLOBALS)" \
-	PERL5LIB=$(CURDIR)/t/lib$${PERL5LIB:+:$$PERL5LIB} \
+	PERL5LIB=$(TEST_PERL5LIB) \
 	prove -j$(PROVE_JOBS) t/
 
+# The nginx release bundled with the nginx-src crate (its version is
+# "<crate>+<nginx>"), and NGINX_RELEASE: the release NGINX=X.Y.Z names when
+# it is another one (empty for the bundled one, for "system" and unset).
+NGINX_BUNDLED_VERSION = $(shell sed -n '/^name = "nginx-src"$$/{n;s/^version = ".*+\(.*\)"$$/\1/p}' Cargo.lock)
+NGINX_RELEASE = $(if $(filter-out system,$(NGINX)),$(filter-out $(NGINX_BUNDLED_VERSION),$(NGINX)))
+
 # make test NGINX=system: the same, against the nginx installed by the
-# system's packages (Debian's) instead of the vendored one.
+# system's packages (Debian's) instead of the vendored one; NGINX=X.Y.Z:
+# against that nginx release (mk/versions.mk); NGINX=<the bundled version>
+# is plain make test.
 ifeq ($(NGINX),system)
 test: deps unit test-debian
+else ifneq ($(NGINX_RELEASE),)
+test: nginx-tarball deps unit test-version
 else
 test: deps build unit prove
 endif
@@ -115,7 +138,7 @@ test-without-stock: deps
 	$(call module_for,$(WITHOUT_DIR),$(WITHOUT_DIR)/cargo)
 	TEST_NGINX_BINARY=$(WITHOUT_DIR)/objs/nginx \
 	TEST_NGINX_GLOBALS="load_module $(WITHOUT_DIR)/cargo/release/lib$(MODULE).so; $(ROOT_GLOBALS)" \
-	PERL5LIB=$(CURDIR)/t/lib \
+	PERL5LIB=$(TEST_PERL5LIB) \
 	prove -j$(PROVE_JOBS) t/
 
 # The nginx people already run: Debian's packaged nginx (/usr/sbin/nginx),
@@ -149,7 +172,7 @@ test-debian: debian-module
 	TEST_NGINX_BINARY=/usr/sbin/nginx \
 	TEST_NGINX_MODULES=/usr/lib/nginx/modules \
 	TEST_NGINX_GLOBALS="load_module $(DEBIAN_SO); $(ROOT_GLOBALS)" \
-	PERL5LIB=$(CURDIR)/t/lib \
+	PERL5LIB=$(TEST_PERL5LIB) \
 	prove -j$(PROVE_JOBS) t/
 
 # nginx's own build system (the "config" file): a copy of the vendored
@@ -177,10 +200,10 @@ test-nginx-build: deps
 		$(ADDON_DIR)/static/objs/ngx_modules.c
 	TEST_NGINX_BINARY=$(ADDON_DIR)/dynamic/objs/nginx \
 	TEST_NGINX_GLOBALS="load_module $(ADDON_DIR)/dynamic/objs/$(MODULE).so; $(ROOT_GLOBALS)" \
-	PERL5LIB=$(CURDIR)/t/lib prove -j$(PROVE_JOBS) $(ADDON_SMOKE)
+	PERL5LIB=$(TEST_PERL5LIB) prove -j$(PROVE_JOBS) $(ADDON_SMOKE)
 	TEST_NGINX_BINARY=$(ADDON_DIR)/static/objs/nginx \
 	TEST_NGINX_GLOBALS="$(ROOT_GLOBALS)" \
-	PERL5LIB=$(CURDIR)/t/lib prove -j$(PROVE_JOBS) $(ADDON_SMOKE)
+	PERL5LIB=$(TEST_PERL5LIB) prove -j$(PROVE_JOBS) $(ADDON_SMOKE)
 
 check:
 	$(CARGO) fmt --check

@@ -13,6 +13,10 @@
 #                      the flags or the patches change (~35-60 s on 2 cores),
 #                      the module with cargo (~25-60 s); the suite ~30 s.
 #                      MEMCHECK_TESTS="t/a.t t/b.t" runs a subset.
+#   make test-asan NGINX=1.31.4 [NGINX_TARBALLS=DIR]
+#                      the same with another nginx release (its tarball as
+#                      for make test NGINX=..., mk/versions.mk), built in
+#                      target/nginx-asan-1.31.4
 #   make memcheck-build   only the two builds
 #
 # Knobs: MEMCHECK_RUST_ASAN=0 builds the module without instrumentation
@@ -20,7 +24,7 @@
 # from the environment are appended to MEMCHECK_ASAN_OPTIONS.
 .PHONY: test-asan memcheck-build
 
-MEMCHECK_DIR       = $(CURDIR)/target/nginx-asan
+MEMCHECK_DIR       = $(CURDIR)/target/nginx-asan$(if $(NGINX_RELEASE),-$(NGINX_RELEASE))
 MEMCHECK_PACKAGES  = clang libclang-rt-dev patch
 MEMCHECK_CC_OPT    = -fsanitize=address -fno-omit-frame-pointer -g -O1 -DNGX_DEBUG_PALLOC=1
 MEMCHECK_CONFIGURE = --with-cc=clang --with-cc-opt='$(MEMCHECK_CC_OPT)' \
@@ -52,20 +56,31 @@ else
 MEMCHECK_SO  = $(MEMCHECK_DIR)/cargo/release/lib$(MODULE).so
 endif
 
-memcheck-build: deps
+# The nginx source: the bundled tree, or with NGINX=X.Y.Z that release's
+# tarball (nginx-tarball in mk/versions.mk fetches or finds it).
+ifneq ($(NGINX_RELEASE),)
+MEMCHECK_SOURCE_DEP = nginx-tarball
+MEMCHECK_SOURCE_ID  = $$(cksum < $(VERSION_TARBALL))
+MEMCHECK_COPY       = $(call nginx_extract,$(MEMCHECK_DIR)/nginx)
+else
+MEMCHECK_SOURCE_ID  = $(NGINX_VENDORED_SRC)
+MEMCHECK_COPY       = cp -r $(NGINX_VENDORED_SRC) $(MEMCHECK_DIR)/nginx
+endif
+
+memcheck-build: deps $(MEMCHECK_SOURCE_DEP)
 	@sh .ci/packages $(MEMCHECK_PACKAGES)
 	set -e; \
-	stamp="$(MEMCHECK_CONFIGURE) $$(cat nginx-patches/*.patch 2>/dev/null | cksum)"; \
+	stamp="$(MEMCHECK_CONFIGURE) $(MEMCHECK_SOURCE_ID) $$(cat nginx-patches/*.patch 2>/dev/null | cksum)"; \
 	if [ ! -x $(MEMCHECK_DIR)/nginx/objs/nginx ] \
 		|| [ "$$(cat $(MEMCHECK_DIR)/nginx.stamp 2>/dev/null)" != "$$stamp" ]; then \
 		rm -rf $(MEMCHECK_DIR)/nginx $(MEMCHECK_DIR)/nginx.stamp; mkdir -p $(MEMCHECK_DIR); \
-		cp -r $(NGINX_VENDORED_SRC) $(MEMCHECK_DIR)/nginx; \
+		$(MEMCHECK_COPY); \
 		for p in nginx-patches/*.patch; do \
 			[ -f "$$p" ] || continue; echo "applying $$p"; \
 			patch -d $(MEMCHECK_DIR)/nginx -p1 --forward < $$p; \
 		done; \
 		cd $(MEMCHECK_DIR)/nginx; \
-		./auto/configure $(MEMCHECK_CONFIGURE) > configure.log; \
+		$(call nginx_configure,$(MEMCHECK_CONFIGURE)) > configure.log; \
 		$(MAKE) -j2 > make.log 2>&1 || { tail -n 30 make.log; exit 1; }; \
 		echo "$$stamp" > $(MEMCHECK_DIR)/nginx.stamp; \
 	fi
@@ -96,7 +111,7 @@ test-asan: memcheck-build
 	TMPDIR=$(MEMCHECK_DIR)/tmp TEST_NGINX_LEAVE=1 \
 	TEST_NGINX_BINARY=$(CURDIR)/t/memcheck/nginx \
 	TEST_NGINX_GLOBALS="load_module $(MEMCHECK_SO); $(ROOT_GLOBALS) $(TEST_NGINX_GLOBALS)" \
-	PERL5LIB=$(CURDIR)/t/lib$${PERL5LIB:+:$$PERL5LIB} \
+	PERL5LIB=$(TEST_PERL5LIB) \
 		timeout -k 10 $(MEMCHECK_TIMEOUT) prove -j$(PROVE_JOBS) $(or $(MEMCHECK_TESTS),t/); \
 	rc=$$?; \
 	for f in $(MEMCHECK_DIR)/tmp/*/nginx.pid; do \

@@ -20,6 +20,9 @@ pub const NGX_ERROR: ngx_int_t = ngx::ffi::NGX_ERROR as ngx_int_t;
 pub const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
 pub const NGX_CONF_UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
 
+/// nginx 1.29.7's default for an explicit upstream without `keepalive`
+/// (with `local`).
+pub const DEFAULT_CACHED: usize = 32;
 const DEFAULT_REQUESTS: ngx_uint_t = 1000;
 const DEFAULT_TIME: ngx_msec_t = 3_600_000;
 const DEFAULT_TIMEOUT: ngx_msec_t = 60_000;

@@ -16,7 +16,7 @@ use ngx::ffi::{
     ngx_command_t, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_cycle_t,
     ngx_http_compile_complex_value, ngx_http_compile_complex_value_t, ngx_http_complex_value_t,
     ngx_http_conf_ctx_t, ngx_http_get_variable_index, ngx_http_module_t,
-    ngx_http_upstream_init_round_robin,
+    ngx_http_upstream_init_round_robin, ngx_http_upstream_main_conf_t,
     ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_module_t,
     ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1,
     NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG, NGX_LOG_NOTICE,
@@ -24,7 +24,10 @@ use ngx::ffi::{
 use ngx::{ngx_conf_log_error, ngx_log_debug_mask, ngx_log_error, ngx_string};
 
 use crate::args::{parse_keepalive, ArgError};
-use crate::conf::{free_with_cycle, KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
+use crate::conf::{
+    free_with_cycle, srv_conf, KeepaliveConf, SliceConf, DEFAULT_CACHED, NGX_CONF_UNSET_UINT,
+    NGX_ERROR, NGX_OK,
+};
 use crate::status::MainConf;
 use crate::{peer, status, variables};
 
@@ -78,7 +81,7 @@ static MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
     preconfiguration: Some(preconfiguration),
     postconfiguration: Some(postconfiguration),
     create_main_conf: Some(create_main_conf),
-    init_main_conf: None,
+    init_main_conf: Some(init_main_conf),
     create_srv_conf: Some(create_srv_conf),
     merge_srv_conf: None,
     create_loc_conf: None,
@@ -307,11 +310,34 @@ unsafe fn upstream_srv_conf(cf: *mut ngx_conf_t) -> *mut ngx_http_upstream_srv_c
 /// module list is searched by name, there is no link-time dependency on the
 /// stock module, and nothing happens when it is not compiled in.
 fn disable_stock_cache(cf: *mut ngx_conf_t, uscf: *mut ngx_http_upstream_srv_conf_t) {
+    // SAFETY: cf is the live configuration, uscf one of its upstreams.
+    unsafe {
+        let Some(max_cached) = stock_max_cached(cf, uscf) else {
+            return;
+        };
+        *max_cached = 0;
+        ngx_log_debug_mask!(
+            DebugMask::Http,
+            (*cf).log,
+            "keepalive slice: nginx's own keepalive cache off in upstream \"{}\"",
+            (*uscf).host
+        );
+    }
+}
+
+/// The `max_cached` field of the stock module's conf of this upstream, if
+/// that module is compiled in (found by name, see `disable_stock_cache`).
+///
+/// # Safety
+/// `cf` is the live configuration, `uscf` an explicit upstream of it.
+unsafe fn stock_max_cached(
+    cf: *mut ngx_conf_t,
+    uscf: *mut ngx_http_upstream_srv_conf_t,
+) -> Option<*mut ngx_uint_t> {
     // SAFETY: walks cycle->modules (NULL-terminated) and indexes the
     // upstream's srv_conf array by a module's ctx_index, as nginx does.
     unsafe {
-        let cycle = (*cf).cycle;
-        let mut m = (*cycle).modules;
+        let mut m = (*(*cf).cycle).modules;
         while !(*m).is_null() {
             let module = *m;
             if module.cast_const() != ptr::addr_of!(ngx_http_upstream_keepalive_slice_module)
@@ -320,20 +346,74 @@ fn disable_stock_cache(cf: *mut ngx_conf_t, uscf: *mut ngx_http_upstream_srv_con
                     == c"ngx_http_upstream_keepalive_module"
             {
                 let conf = *(*uscf).srv_conf.add((*module).ctx_index) as *mut ngx_uint_t;
-                if !conf.is_null() {
-                    *conf = 0;
-                    ngx_log_debug_mask!(
-                        DebugMask::Http,
-                        (*cf).log,
-                        "keepalive slice: nginx's own keepalive cache off in upstream \"{}\"",
-                        (*uscf).host
-                    );
-                }
-                return;
+                return (!conf.is_null()).then_some(conf);
             }
             m = m.add(1);
         }
+        None
     }
+}
+
+/// After every upstream is initialised (the upstream module's
+/// `init_main_conf` ran before ours) and before the stock keepalive module's
+/// `init_main_conf`: takes over the upstreams nginx would cache by default.
+///
+/// nginx 1.29.7 and later keep idle connections for every explicit upstream
+/// without a `keepalive` line (32, `local`, and whatever `keepalive_timeout`,
+/// `keepalive_requests`, `keepalive_time` say there, which are ours to
+/// parse). Those upstreams get the same from this module instead, and the
+/// stock cache is switched off there, so one cache, ours, serves every
+/// upstream. Whether this nginx caches by default is probed, not taken from
+/// the version it was built for: the stock module leaves its `max_cached`
+/// unset (`NGX_CONF_UNSET_UINT`) only where a default applies; older ones
+/// start it at 0 (nothing kept, by nginx or by us), and without the stock
+/// module nothing is kept by default either.
+unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, _conf: *mut c_void) -> *mut c_char {
+    // SAFETY: cf is the http block's configuration; the upstream module's
+    // main conf lists every upstream, explicit ones with their srv_conf.
+    unsafe {
+        let ctx = (*cf).ctx as *mut ngx_http_conf_ctx_t;
+        let umcf = *(*ctx).main_conf.add(ngx_http_upstream_module.ctx_index)
+            as *mut ngx_http_upstream_main_conf_t;
+        if umcf.is_null() {
+            return ptr::null_mut();
+        }
+        let upstreams = &(*umcf).upstreams;
+        let uscfp = upstreams.elts as *const *mut ngx_http_upstream_srv_conf_t;
+        for i in 0..upstreams.nelts {
+            let uscf = *uscfp.add(i);
+            // Implicit upstreams (proxy_pass to an address) have no
+            // srv_conf and no cache, in nginx as here.
+            if (*uscf).srv_conf.is_null() {
+                continue;
+            }
+            let kcf = &mut *srv_conf(uscf);
+            if kcf.configured {
+                continue;
+            }
+            let Some(stock) = stock_max_cached(cf, uscf) else {
+                return ptr::null_mut();
+            };
+            if *stock != NGX_CONF_UNSET_UINT {
+                continue;
+            }
+            *stock = 0;
+            kcf.max_cached = DEFAULT_CACHED;
+            kcf.local = true;
+            ngx_log_debug_mask!(
+                DebugMask::Http,
+                (*cf).log,
+                "keepalive slice: upstream \"{}\" without keepalive served as nginx's \
+                 default ({} connections, local)",
+                (*uscf).host,
+                DEFAULT_CACHED
+            );
+            if peer::init_keepalive(cf, uscf) != NGX_OK {
+                return NGX_CONF_ERROR;
+            }
+        }
+    }
+    ptr::null_mut()
 }
 
 fn compile_key(cf: *mut ngx_conf_t, key: &[u8]) -> Option<*mut ngx_http_complex_value_t> {

@@ -126,7 +126,8 @@ impl PeerData {
     }
 }
 
-/// `init_upstream`: wraps the balancer's and creates the idle cache.
+/// `init_upstream` of an upstream with a `keepalive` line: the balancer's
+/// own `init_upstream` first, then the cache in front of it.
 pub unsafe extern "C" fn init_upstream(
     cf: *mut ngx_conf_t,
     us: *mut ngx_http_upstream_srv_conf_t,
@@ -135,15 +136,29 @@ pub unsafe extern "C" fn init_upstream(
     unsafe {
         ngx_log_debug_mask!(DebugMask::Http, (*cf).log, "init keepalive slice");
 
-        let kcf = &mut *srv_conf(us);
-        apply_defaults(kcf);
-
-        let Some(init) = kcf.original_init_upstream else {
+        let Some(init) = (*srv_conf(us)).original_init_upstream else {
             return NGX_ERROR;
         };
         if init(cf, us) != NGX_OK {
             return NGX_ERROR;
         }
+        init_keepalive(cf, us)
+    }
+}
+
+/// Puts the idle cache in front of an upstream whose balancer is already
+/// initialised: wraps its `peer.init` and creates the cache. Called by
+/// `init_upstream` above, and by the module's `init_main_conf` for the
+/// upstreams without `keepalive` that nginx 1.29.7+ would cache by default.
+///
+/// # Safety
+/// `cf` is the live configuration, `us` an upstream of it whose
+/// `peer.init` is set and whose conf of this module is filled in.
+pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t {
+    // SAFETY: see above.
+    unsafe {
+        let kcf = &mut *srv_conf(us);
+        apply_defaults(kcf);
 
         kcf.original_init_peer = (*us).peer.init;
         (*us).peer.init = Some(init_peer);

@@ -109,7 +109,7 @@ $t->waitforsocket('127.0.0.1:' . port($_)) for 8081, 8084, 8085, 8086;
 my %backend;
 
 sub backend_start {
-	my ($port, $log) = @_;
+	my ($t, $port, $log) = @_;
 
 	my $pid = fork() // die "Can't fork backend: $!\n";
 	if ($pid == 0) {
@@ -134,8 +134,8 @@ END {
 	backend_stop($_) for keys %backend;
 }
 
-backend_start(8082, "$d/away-1.log");
-backend_start(8083, "$d/fails-a1.log");
+backend_start($t, 8082, "$d/away-1.log");
+backend_start($t, 8083, "$d/fails-a1.log");
 
 $t->plan(49);
 
@@ -220,7 +220,7 @@ $r = http_get('/away/x');
 is(status_of($r) // 'none', 502, 'away: backend down: 502');
 is(errlog_count($t, $refused) - $e_refused, 1, 'away: connection refused');
 
-backend_start(8082, "$d/away-2.log");
+backend_start($t, 8082, "$d/away-2.log");
 
 $r = http_get('/away/x');
 is(status_of($r) // 'none', 200, 'away: backend back: 200');
@@ -268,7 +268,7 @@ is(errlog_count($t, qr/upstream server temporarily disabled/) - $e_disabled,
 is(backend_log_count("$d/fails-b.log", qr/^accept /), 1,
 	'fails: B connection reused all along');
 
-backend_start(8083, "$d/fails-a2.log");
+backend_start($t, 8083, "$d/fails-a2.log");
 
 # fail_timeout=1s (nginx counts it in whole seconds): A is tried again
 # after one or two seconds; until then B serves

@@ -149,7 +149,7 @@ sub sget {
 }
 
 sub wait_closed {
-	my ($re, $handled) = @_;
+	my ($t, $re, $handled) = @_;
 	backend_log_wait($slog, $re, 1);
 	return errlog_wait($t, $handler, $handled + 1) - $handled;
 }
@@ -157,7 +157,7 @@ sub wait_closed {
 my $handled = errlog_count($t, $handler);
 
 is(sget('a.example', '/idle/fin/200'), 1, 'slice fin: a opens 1');
-is(wait_closed(qr/^close conn=1 reason=idle-fin$/, $handled), 1,
+is(wait_closed($t, qr/^close conn=1 reason=idle-fin$/, $handled), 1,
 	'slice fin: close handler');
 is(sget('b.example', '/x'), 2, 'slice fin: b opens 2');
 is(sget('b.example', '/x'), 2, 'slice fin: b kept in the freed bucket');
@@ -165,7 +165,7 @@ is(sget('b.example', '/x'), 2, 'slice fin: b kept in the freed bucket');
 $handled = errlog_count($t, $handler);
 
 is(sget('b.example', '/idle/rst/200'), 2, 'slice rst: b reuses 2');
-is(wait_closed(qr/^close conn=2 reason=idle-rst$/, $handled), 1,
+is(wait_closed($t, qr/^close conn=2 reason=idle-rst$/, $handled), 1,
 	'slice rst: close handler');
 is(sget('a.example', '/x'), 3, 'slice rst: a opens 3');
 is(sget('a.example', '/x'), 3, 'slice rst: a kept in the freed bucket');
@@ -174,7 +174,7 @@ $handled = errlog_count($t, $handler);
 
 is(sget('a.example', '/idle/data/200'), 3, 'slice data: a reuses 3');
 backend_log_wait($slog, qr/^unsolicited conn=3$/, 1);
-is(wait_closed(qr/^close conn=3 reason=eof/, $handled), 1,
+is(wait_closed($t, qr/^close conn=3 reason=eof/, $handled), 1,
 	'slice data: close handler closed it');
 is(sget('a.example', '/x'), 4, 'slice data: a opens 4');
 is(sget('a.example', '/x'), 4, 'slice data: same key kept again');

@@ -89,7 +89,7 @@ EOF
 my $n = 0;
 
 sub test_conf {
-	my ($conf) = @_;
+	my ($t, $conf) = @_;
 	return nginx_test_config($t, 'test' . ++$n . '.conf', $conf,
 		'error.log');
 }
@@ -97,9 +97,9 @@ sub test_conf {
 # "nginx -t" must fail, with the [emerg] line matching $re.
 
 sub bad {
-	my ($upstream, $re, $name) = @_;
+	my ($t, $upstream, $re, $name) = @_;
 
-	my ($status, $out) = test_conf(conf($upstream));
+	my ($status, $out) = test_conf($t, conf($upstream));
 
 	subtest $name => sub {
 		plan(tests => 2);
@@ -111,9 +111,9 @@ sub bad {
 # "nginx -t" must succeed.
 
 sub good {
-	my ($name, $upstream, %extra) = @_;
+	my ($t, $name, $upstream, %extra) = @_;
 
-	my ($status, $out) = test_conf(conf($upstream, %extra));
+	my ($status, $out) = test_conf($t, conf($upstream, %extra));
 
 	subtest $name => sub {
 		plan(tests => 2);
@@ -124,80 +124,101 @@ sub good {
 
 ###############################################################################
 
-$t->plan(23);
+$t->plan(25);
 
 # bad values
 
-bad('keepalive abc;',
+bad($t, 'keepalive abc;',
 	qr/invalid value "abc" in "keepalive" directive/,
 	'keepalive abc');
-bad('keepalive -1;',
+bad($t, 'keepalive -1;',
 	qr/invalid value "-1" in "keepalive" directive/,
 	'keepalive -1');
-bad('keepalive 8 foo;',
+bad($t, 'keepalive 8 foo;',
 	qr/invalid parameter "foo" in "keepalive" directive/,
 	'keepalive 8 foo');
-bad('keepalive 8 local local;',
+bad($t, 'keepalive 8 local local;',
 	qr/duplicate parameter "local" in "keepalive" directive/,
 	'keepalive 8 local local');
-bad("keepalive 8;\n keepalive 4;",
+bad($t, "keepalive 8;\n keepalive 4;",
 	qr/"keepalive" directive is duplicate/,
 	'keepalive twice');
-bad('keepalive;',
+bad($t, 'keepalive;',
 	qr/invalid number of arguments in "keepalive" directive/,
 	'keepalive without arguments');
-bad("keepalive 8;\n keepalive_timeout abc;",
+bad($t, "keepalive 8;\n keepalive_timeout abc;",
 	qr/"keepalive_timeout" directive invalid value/,
 	'keepalive_timeout abc');
-bad("keepalive 8;\n keepalive_time 1x;",
+bad($t, "keepalive 8;\n keepalive_time 1x;",
 	qr/"keepalive_time" directive invalid value/,
 	'keepalive_time 1x');
-bad("keepalive 8;\n keepalive_requests abc;",
+bad($t, "keepalive 8;\n keepalive_requests abc;",
 	qr/"keepalive_requests" directive invalid number/,
 	'keepalive_requests abc');
 
 # good values
 
-good('keepalive 0', 'keepalive 0;');
-good('keepalive 16 local', 'keepalive 16 local;');
-good('keepalive_* after keepalive',
+good($t, 'keepalive 0', 'keepalive 0;');
+good($t, 'keepalive 16 local', 'keepalive 16 local;');
+good($t, 'keepalive_* after keepalive',
 	"keepalive 8;\n keepalive_timeout 30s;\n keepalive_requests 10;\n"
 	. " keepalive_time 1h;");
-good('keepalive_* before keepalive',
+good($t, 'keepalive_* before keepalive',
 	"keepalive_timeout 30s;\n keepalive_requests 10;\n"
 	. " keepalive_time 1h;\n keepalive 8;");
-good('keepalive_* without keepalive',
+good($t, 'keepalive_* without keepalive',
 	"keepalive_timeout 30s;\n keepalive_requests 10;\n keepalive_time 1h;");
-good('slice parameters', 'keepalive 8 slice_key=$host slice_conn=2;');
+good($t, 'slice parameters', 'keepalive 8 slice_key=$host slice_conn=2;');
 
 my $client = 'keepalive_timeout 30s 20s; keepalive_requests 50; '
 	. 'keepalive_time 10m;';
 
-good('client side keepalive_* at every level', 'keepalive 8;',
+good($t, 'client side keepalive_* at every level', 'keepalive 8;',
 	http => $client, server => $client, location => $client);
 
-# the module is the one handling "keepalive": nginx 1.28's own module takes
-# exactly one argument, so "local" is refused without the module (and an
-# nginx built --without-http_upstream_keepalive_module knows no "keepalive");
-# a module linked in with --add-module cannot be left out
+# the module is the one handling "keepalive": without it, nginx's own
+# module refuses the slice parameters (on every version: it takes one
+# argument, or two from 1.29.7 on), and an nginx built
+# --without-http_upstream_keepalive_module knows no "keepalive" at all.
+# "local" is nginx's own from 1.29.7 on, accepted without the module
+# there, and refused before.  A module linked in with --add-module cannot
+# be left out.
 
 SKIP: {
-	skip 'module linked into nginx, cannot be left out', 2
+	skip 'module linked into nginx, cannot be left out', 4
 		unless ($ENV{TEST_NGINX_GLOBALS} // '') =~ /keepalive_slice/;
-
-	(my $conf = conf('keepalive 8 local;'))
-		=~ s/%%TEST_GLOBALS%%/%%TEST_GLOBALS%%\n%%NO_MODULE%%/;
 
 	my $globals = $t->test_globals();
 	$globals =~ s/load_module\s+\S*keepalive_slice\S*\s*;//g;
 
-	$conf =~ s/%%TEST_GLOBALS%%\n%%NO_MODULE%%/$globals/;
+	my $without_module = sub {
+		(my $conf = conf(shift))
+			=~ s/%%TEST_GLOBALS%%/%%TEST_GLOBALS%%\n%%NO_MODULE%%/;
+		$conf =~ s/%%TEST_GLOBALS%%\n%%NO_MODULE%%/$globals/;
+		return test_conf($t, $conf);
+	};
 
-	my ($status, $out) = test_conf($conf);
+	my $stock = `$Test::Nginx::NGINX -V 2>&1`
+		!~ /--without-http_upstream_keepalive_module/;
+	my $refused = qr/\[emerg\] (invalid number of arguments in|unknown directive) "keepalive"/;
 
-	like($out, qr/\[emerg\] (invalid number of arguments in|unknown directive) "keepalive"/,
-		'without the module: "local" refused');
+	my ($status, $out) = $without_module->(
+		'keepalive 8 slice_key=$host slice_conn=2;');
+
+	like($out, $refused, 'without the module: slice parameters refused');
 	isnt($status, 0, 'without the module: nginx -t fails');
+
+	($status, $out) = $without_module->('keepalive 8 local;');
+
+	if ($stock && $t->has_version('1.29.7')) {
+		is($status, 0, 'without the module: "local" is nginx\'s own '
+			. 'from 1.29.7, accepted');
+		unlike($out, qr/\[emerg\]/, 'without the module: no emerg');
+	} else {
+		like($out, $refused, 'without the module: "local" refused '
+			. ($stock ? 'before nginx 1.29.7' : 'without the stock module'));
+		isnt($status, 0, 'without the module: "local" fails nginx -t');
+	}
 }
 
 # at run time: keepalive_requests given before keepalive takes effect, and

@@ -45,7 +45,7 @@ http {
         keepalive 1;
     }
 
-    upstream memd_nokeep {
+    upstream memd_default {
         server 127.0.0.1:8081;
     }
 
@@ -60,7 +60,12 @@ http {
 
         location ~ ^/nokeep(/.*)$ {
             set $memcached_key $1;
-            memcached_pass memd_nokeep;
+            memcached_pass 127.0.0.1:8081;
+        }
+
+        location ~ ^/default(/.*)$ {
+            set $memcached_key $1;
+            memcached_pass memd_default;
         }
     }
 }
@@ -76,9 +81,15 @@ $t->run_daemon('memcached', @memd);
 $t->run()->waitforsocket('127.0.0.1:' . port(8081))
 	or die "Can't start memcached";
 
-$t->plan(18);
+$t->plan(22);
 
 my $ours = slice_module();
+
+# nginx 1.29.7 and later keep connections by default for an explicit
+# upstream without "keepalive" (32, local); older versions keep none there
+my $default_keeps = $t->has_version('1.29.7')
+	&& `$Test::Nginx::NGINX -V 2>&1`
+		!~ /--without-http_upstream_keepalive_module/;
 
 ###############################################################################
 
@@ -143,7 +154,8 @@ is($after->{curr_connections} - $before->{curr_connections}, 1,
 	'keepalive: connection kept open');
 is($after->{cmd_get} - $before->{cmd_get}, 5, 'keepalive: 5 gets served');
 
-# without keepalive, for comparison: a connection per request
+# without keepalive (an implicit upstream: never cached, by any nginx),
+# for comparison: a connection per request
 
 like(http_get('/nokeep/'), qr/200 OK.*SEE-THIS$/s, 'no keepalive: first');
 like(http_get('/nokeep/'), qr/200 OK.*SEE-THIS$/s, 'no keepalive: second');
@@ -154,24 +166,46 @@ my $nokeep = memd_stats();
 is($nokeep->{total_connections} - $after->{total_connections}, 3,
 	'no keepalive: 3 connections for 3 requests');
 
+# an explicit upstream without "keepalive": what this nginx does by default
+
+like(http_get('/default/'), qr/200 OK.*SEE-THIS$/s, 'default: first');
+like(http_get('/default/'), qr/200 OK.*SEE-THIS$/s, 'default: second');
+like(http_get('/default/'), qr/200 OK.*SEE-THIS$/s, 'default: third');
+
+my $default = memd_stats();
+
+if ($default_keeps) {
+	is($default->{total_connections} - $nokeep->{total_connections}, 1,
+		'default: one connection for 3 requests (kept by default '
+		. 'from nginx 1.29.7)');
+} else {
+	is($default->{total_connections} - $nokeep->{total_connections}, 3,
+		'default: 3 connections for 3 requests (nothing kept by '
+		. 'default before nginx 1.29.7)');
+}
+
 # and the cached connection is still good afterwards
 
 like(http_get('/'), qr/200 OK.*SEE-THIS$/s, 'keepalive: once more');
 
 my $last = memd_stats();
 
-is($last->{total_connections} - $nokeep->{total_connections}, 0,
+is($last->{total_connections} - $default->{total_connections}, 0,
 	'keepalive: still the same connection');
 
 # only our module logs this: the 4 later requests of the first series and
-# the last one took the idle connection from its cache
+# the last one took the idle connection from its cache, and from nginx
+# 1.29.7 on the 2 later requests to the upstream without "keepalive" too
+# (the module serves it, in place of nginx's default cache)
 
 SKIP: {
 skip 'module not loaded', 1 unless $ours;
 
 is(() = $t->read_file('error.log')
-	=~ /get keepalive slice peer: using connection/g, 5,
-	'module: 5 reuses');
+	=~ /get keepalive slice peer: using connection/g,
+	$default_keeps ? 7 : 5,
+	$default_keeps ? 'module: 7 reuses, 2 by default (nginx 1.29.7+)'
+		: 'module: 5 reuses, none by default (before nginx 1.29.7)');
 
 }
 

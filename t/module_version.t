@@ -15,7 +15,7 @@ use FindBin;
 BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
 
 use Test::Nginx;
-use Test::Nginx::Keepalive qw/ slice_module /;
+use Test::Nginx::Keepalive qw/ reload_wait slice_module /;
 
 ###############################################################################
 
@@ -82,7 +82,7 @@ my $master = $t->read_file('nginx.pid') =~ /(\d+)/ ? $1 : 'none';
 like($t->read_file('error.log'), qr/\[notice\] $master#\d+: keepalive slice module/,
 	'logged by the master');
 
-$t->reload();
+reload_wait($t);
 
 @notices = $t->read_file('error.log') =~ /($notice)/g;
 is(@notices / 3, 2, 'one more notice for the reload');

@@ -103,6 +103,7 @@ my $clients = 3;
 
 # living workers not shutting down
 sub workers {
+	my ($t) = @_;
 	my %w = worker_pids($t);
 	return grep { $w{$_} !~ /shutting down/ } keys %w;
 }
@@ -119,7 +120,7 @@ sub poll {
 }
 
 my $master = master_pid($t);
-my @first = workers();
+my @first = workers($t);
 
 my $load = load_start($t, clients => $clients, uri => '/load/%c/%n',
 	pause => 0.002, max_seconds => 90);
@@ -129,7 +130,7 @@ sleep 0.3;
 my (@gen, @slow, %exit, %fds, %master_fds);
 
 for my $i (1 .. $reloads) {
-	my @old = workers();
+	my @old = workers($t);
 
 	# a request in flight at the reload (for a second: the reload itself
 	# may take hundreds of milliseconds on a busy machine): the old worker
@@ -143,7 +144,7 @@ for my $i (1 .. $reloads) {
 
 	my %old = map { $_ => 1 } @old;
 	my @new;
-	poll(sub { @new = grep { !$old{$_} } workers(); @new }, 5);
+	poll(sub { @new = grep { !$old{$_} } workers($t); @new }, 5);
 
 	my $r = $s ? http_end($s) : undef;
 	my $done = time();
@@ -179,7 +180,7 @@ my $res = load_stop($load);
 
 # graceful shutdown with a request in flight and idle connections cached
 
-my @last = workers();
+my @last = workers($t);
 my $s = http_start("GET /slow/quit HTTP/1.0\r\nHost: localhost\r\n\r\n",
 	PeerAddr => '127.0.0.1:' . port(8082));
 backend_log_wait($blog, qr{ uri=/sleep/1000/quit$}, 1);

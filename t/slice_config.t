@@ -66,7 +66,7 @@ my $n = 0;
 # returns its exit status and everything it printed, followed by what it
 # logged (each check has its own error log).
 sub check {
-	my ($keepalive) = @_;
+	my ($t, $keepalive) = @_;
 
 	(my $c = $conf) =~ s/%%KEEPALIVE%%/$keepalive/;
 	my $name = 'check' . ++$n;
@@ -175,14 +175,14 @@ $t->plan(2 * @bad + @good);
 
 for my $case (@bad) {
 	my ($line, $re) = @$case;
-	my ($rc, $out) = check($line);
+	my ($rc, $out) = check($t, $line);
 
 	isnt($rc, 0, "fails: $line");
 	like($out, qr/\[emerg\].*$re/, "emerg: $line");
 }
 
 for my $line (@good) {
-	my ($rc, $out) = check($line);
+	my ($rc, $out) = check($t, $line);
 	like("$rc $out", qr/^0 .*test is successful/s, "valid: $line");
 }
 

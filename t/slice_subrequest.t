@@ -97,6 +97,7 @@ sub page {
 }
 
 sub keys_logged {
+	my ($t) = @_;
 	return [ $t->read_file('error.log') =~ /keepalive slice key: "([^"]*)"/g ];
 }
 
@@ -109,9 +110,9 @@ is($st, 200, 'seq a: 200');
 is($hosts, 'a.example a.example', 'seq a: includes for a');
 is("@a", '1 1', 'seq a: second include reuses the connection');
 
-my @before = @{keys_logged()};
+my @before = @{keys_logged($t)};
 ($st, $hosts, my @b) = page('b.example', '/seq.html');
-my @after = @{keys_logged()};
+my @after = @{keys_logged($t)};
 is("$st $hosts", '200 b.example b.example', 'seq b: includes for b');
 is("@b", '2 2', 'seq b: own connection, reused');
 is(join(' ', @after[@before .. $#after]), 'b.example b.example',

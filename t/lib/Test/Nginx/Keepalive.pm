@@ -34,6 +34,7 @@ our @EXPORT_OK = qw/
 	status_of header_of
 	errlog_count errlog_delta errlog_wait
 	nginx_test_config
+	reload_wait
 	ssl_certificates
 	slice_module
 /;
@@ -173,6 +174,68 @@ sub nginx_test_config {
 	unlink "$d/nginx.pid";
 
 	return ($status, $out);
+}
+
+###############################################################################
+# Reloads.
+
+# reload_wait($t, $timeout): $t->reload(), then waits until the reload took
+# effect: new workers are running and every old one has stopped accepting
+# connections (it is gone, or "shutting down"), or nginx refused the new
+# configuration ([emerg]).  Test::Nginx's reload() only sends the signal,
+# in nginx's library and in ours alike, so requests sent right after it
+# may still reach an old worker.  Returns true once done, false after
+# $timeout seconds (default 10).
+sub reload_wait {
+	my ($t, $timeout) = @_;
+
+	my $offset = length($t->read_file('error.log') // '');
+	my %old = map { $_ => 1 } _workers($t);
+
+	$t->reload();
+
+	my $deadline = time() + ($timeout // 10);
+	while (time() < $deadline) {
+		select undef, undef, undef, 0.05;
+
+		my $log = substr($t->read_file('error.log'), $offset);
+		return 0 if $log =~ /\[emerg\]/;
+
+		my %now = map { $_ => 1 } _workers($t);
+		my $started = grep { !$old{$_} } keys %now;
+		my $old_accepting = grep { $now{$_} } keys %old;
+
+		return 1 if $started && !$old_accepting;
+	}
+
+	return 0;
+}
+
+# Worker processes of $t's nginx that accept connections (not shutting
+# down), from /proc.
+sub _workers {
+	my ($t) = @_;
+
+	my ($master) = (eval { $t->read_file('nginx.pid') } // '') =~ /(\d+)/
+		or return ();
+	my @w;
+
+	opendir(my $dh, '/proc') or return ();
+	for my $p (grep { /^\d+$/ } readdir $dh) {
+		open my $fh, '<', "/proc/$p/stat" or next;
+		my $stat = <$fh> // '';
+		close $fh;
+		next unless $stat =~ /\)\s+(\S+)\s+(\d+)/ && $2 == $master;
+		next if $1 eq 'Z';
+
+		open $fh, '<', "/proc/$p/cmdline" or next;
+		my $cmd = do { local $/; <$fh> } // '';
+		close $fh;
+		push @w, $p if $cmd =~ /worker process/ && $cmd !~ /shutting down/;
+	}
+	closedir $dh;
+
+	return @w;
 }
 
 ###############################################################################

@@ -1,0 +1,102 @@
+# Other nginx releases (issue 10).
+#
+#   make test NGINX=1.31.4                    the whole suite against nginx 1.31.4,
+#                                             downloaded from nginx.org
+#   make test NGINX=1.30.4 NGINX_TARBALLS=DIR the same from DIR/nginx-1.30.4.tar.gz
+#                                             (CI: ../shared/nginx; either layout,
+#                                             ./configure or auto/configure)
+#   make test NGINX=1.28.3                    the bundled nginx, as plain make test
+#   make test NGINX=system                    Debian's packaged nginx (Makefile)
+#   make test TEST_NGINX_LIB=DIR              any of the above with nginx's own
+#                                             Test::Nginx (DIR/Test/Nginx.pm) ahead
+#                                             of t/lib (CI: ../shared/nginx-tests/lib)
+#
+# The release is built in target/nginx-X.Y.Z/ (configured as the bundled one
+# is: nginx-sys's flags, --with-compat, --with-debug), once per source and
+# flags; the module is built against it with cargo in
+# target/nginx-versions-cargo/ (one directory for every release, so the
+# dependencies compile once) and copied next to that nginx.
+.PHONY: test-version nginx-tarball nginx-version-build
+
+# Configured as nginx-sys configures the bundled nginx (its
+# NGINX_CONFIGURE_BASE) plus .cargo/config.toml's --with-debug: the suites
+# read the debug log, speak HTTP/2 and TLS to backends, and check stream.
+NGINX_CONFIGURE = --with-compat --with-debug --with-http_realip_module \
+	--with-http_ssl_module --with-http_v2_module --with-stream \
+	--with-stream_realip_module --with-stream_ssl_module --with-threads
+
+NGINX_URL         = https://nginx.org/download/nginx-$(NGINX).tar.gz
+VERSION_DIR       = $(CURDIR)/target/nginx-$(NGINX)
+VERSION_SRC       = $(VERSION_DIR)/nginx
+VERSION_CARGO     = $(CURDIR)/target/nginx-versions-cargo
+VERSION_SO        = $(VERSION_DIR)/$(MODULE).so
+# Where the tarball is read from: NGINX_TARBALLS, or a download kept here.
+VERSION_TARBALL   = $(if $(NGINX_TARBALLS),$(abspath $(NGINX_TARBALLS))/nginx-$(NGINX).tar.gz,$(VERSION_DIR)/download/nginx-$(NGINX).tar.gz)
+
+# The tarball of release $(NGINX): from NGINX_TARBALLS (checked against its
+# SHA256SUMS when there is one), else from nginx.org; else a message naming
+# both ways.
+nginx-tarball:
+	@case "$(NGINX)" in \
+	[0-9]*.[0-9]*.[0-9]*) ;; \
+	*) echo "NGINX=$(NGINX): expected a release number such as 1.30.4, or \"system\"" >&2; exit 2;; \
+	esac
+ifdef NGINX_TARBALLS
+	@test -f $(VERSION_TARBALL) || { \
+		echo "nginx $(NGINX): no $(VERSION_TARBALL)." >&2; \
+		echo "  Put nginx-$(NGINX).tar.gz in $(NGINX_TARBALLS), or leave NGINX_TARBALLS unset" >&2; \
+		echo "  to download $(NGINX_URL)." >&2; exit 1; }
+	@if [ -f $(dir $(VERSION_TARBALL))SHA256SUMS ] \
+		&& grep -q ' nginx-$(NGINX).tar.gz$$' $(dir $(VERSION_TARBALL))SHA256SUMS; then \
+		cd $(dir $(VERSION_TARBALL)) && grep ' nginx-$(NGINX).tar.gz$$' SHA256SUMS \
+			| sha256sum -c --quiet - || exit 1; \
+	fi
+else
+	@if [ ! -f $(VERSION_TARBALL) ]; then \
+		mkdir -p $(dir $(VERSION_TARBALL)); \
+		echo "downloading $(NGINX_URL)"; \
+		if curl -fsSL --retry 2 -o $(VERSION_TARBALL).part $(NGINX_URL) \
+			|| wget -q -O $(VERSION_TARBALL).part $(NGINX_URL); then \
+			mv $(VERSION_TARBALL).part $(VERSION_TARBALL); \
+		else \
+			rm -f $(VERSION_TARBALL).part; \
+			echo "nginx $(NGINX): cannot download $(NGINX_URL)." >&2; \
+			echo "  Either let this machine reach nginx.org, or put nginx-$(NGINX).tar.gz" >&2; \
+			echo "  (nginx.org's or the repository's layout) in a directory and run" >&2; \
+			echo "  make test NGINX=$(NGINX) NGINX_TARBALLS=that/directory" >&2; \
+			exit 1; \
+		fi; \
+	fi
+endif
+
+# $(call nginx_extract,DEST): a fresh tree of the tarball in DEST, whichever
+# top directory and layout it has.
+nginx_extract = rm -rf $(1) && mkdir -p $(1) && tar -xzf $(VERSION_TARBALL) -C $(1) --strip-components=1
+
+# nginx.org's tarballs have ./configure, the repository's auto/configure.
+nginx_configure = if [ -x ./configure ]; then ./configure $(1); else ./auto/configure $(1); fi
+
+# nginx itself, rebuilt only when the tarball or the flags change.
+nginx-version-build: nginx-tarball
+	set -e; \
+	stamp="$(NGINX_CONFIGURE) $$(cksum < $(VERSION_TARBALL))"; \
+	if [ ! -x $(VERSION_SRC)/objs/nginx ] \
+		|| [ "$$(cat $(VERSION_DIR)/nginx.stamp 2>/dev/null)" != "$$stamp" ]; then \
+		rm -f $(VERSION_DIR)/nginx.stamp; \
+		$(call nginx_extract,$(VERSION_SRC)); \
+		cd $(VERSION_SRC); \
+		echo "nginx $(NGINX): configure, make (log in $(VERSION_SRC))"; \
+		$(call nginx_configure,$(NGINX_CONFIGURE)) > configure.log 2>&1 \
+			|| { tail -n 30 configure.log; exit 1; }; \
+		$(MAKE) -j2 > make.log 2>&1 || { tail -n 30 make.log; exit 1; }; \
+		echo "$$stamp" > $(VERSION_DIR)/nginx.stamp; \
+	fi
+	$(call module_for,$(VERSION_SRC),$(VERSION_CARGO))
+	cp -f $(VERSION_CARGO)/release/lib$(MODULE).so $(VERSION_SO)
+	@$(VERSION_SRC)/objs/nginx -v
+
+test-version: deps nginx-version-build
+	TEST_NGINX_BINARY=$(VERSION_SRC)/objs/nginx \
+	TEST_NGINX_GLOBALS="load_module $(VERSION_SO); $(ROOT_GLOBALS) $(TEST_NGINX_GLOBALS)" \
+	PERL5LIB=$(TEST_PERL5LIB) \
+	prove -j$(PROVE_JOBS) t/
