@@ -2,12 +2,13 @@
 //! `keepalive` directive whose idle-connection cache can be sliced by a
 //! per-request key (usually `$host`).
 //!
-//! `cache` and `args` are plain Rust, unit-tested without nginx; `module`
+//! `cache`, `args` and `identity` are plain Rust, unit-tested without nginx; `module`
 //! is the FFI glue, left out of test builds because a test binary cannot
 //! link nginx's symbols.
 
 pub mod args;
 pub mod cache;
+pub mod identity;
 
 // The FFI glue runs inside nginx: a panic there would abort the worker
 // (panic = "abort"; unwinding into C is never possible). Nothing on that
@@ -28,7 +29,7 @@ macro_rules! ffi_glue {
     )*};
 }
 
-ffi_glue!(conf, module, peer);
+ffi_glue!(conf, identity_ffi, module, peer);
 
 #[cfg(test)]
 mod tests {

@@ -2,8 +2,9 @@
 //! per callback as in nginx's own `ngx_http_upstream_keepalive_module.c`.
 //!
 //! The balancer is always asked first; only then is an idle connection to
-//! that exact server address (and slice key, and location with `local`)
-//! taken from the cache.
+//! that exact server address, opened for the same protocol and TLS
+//! identity (see `identity`), and with the same slice key and location
+//! (with `local`) taken from the cache.
 
 use core::ffi::c_void;
 use core::ptr;
@@ -24,6 +25,8 @@ use ngx::{ngx_log_debug_mask, ngx_log_error};
 use crate::args::parse_number;
 use crate::cache::{boxed_slice, BucketKey, IdleCache, Refusal};
 use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, NGX_ERROR, NGX_OK};
+use crate::identity::MAX_ADDR_LEN;
+use crate::identity_ffi::{protocol, protocol_module, Identity, TlsKey, TlsState};
 
 const NGX_DONE: ngx_int_t = ngx::ffi::NGX_DONE as ngx_int_t;
 const NGX_AGAIN: ngx_int_t = ngx::ffi::NGX_AGAIN as ngx_int_t;
@@ -51,6 +54,12 @@ struct PeerData {
     /// The wrapped balancer's own data.
     data: *mut c_void,
     slice_key: SliceKey,
+    /// What the connection is bound to beyond its socket address: the
+    /// bucket tag (the protocol handler, or with `local` the location,
+    /// whose handler fixes the protocol), and for TLS the identity of the
+    /// current try.
+    tag: usize,
+    tls: TlsKey,
 
     original_get_peer: ngx_event_get_peer_pt,
     original_free_peer: ngx_event_free_peer_pt,
@@ -71,28 +80,36 @@ enum SliceKey {
 }
 
 impl PeerData {
-    /// The bucket this request's connections belong to.
-    ///
-    /// # Safety
-    /// `pc` must hold the address chosen by the balancer, and `upstream`
-    /// must be live.
-    unsafe fn bucket_key(&self, pc: *mut ngx_peer_connection_t) -> Option<BucketKey<'_>> {
+    /// The bucket of this request's connection to `addr` (see
+    /// `TlsKey::evaluate`).
+    fn bucket_key<'a>(&'a self, addr: &'a [u8]) -> Option<BucketKey<'a>> {
         let slice = match &self.slice_key {
             SliceKey::Unsliced => &[][..],
             SliceKey::Key(key) => key.as_bytes(),
             SliceKey::Failed => return None,
         };
-        // SAFETY: sockaddr/socklen describe the balancer's choice; u->conf
-        // is the location's upstream conf, stable for the cycle.
-        unsafe {
-            let addr =
-                core::slice::from_raw_parts((*pc).sockaddr as *const u8, (*pc).socklen as usize);
-            let tag = if (*self.conf).local {
-                (*self.upstream).conf as usize
-            } else {
-                0
-            };
-            Some(BucketKey { addr, slice, tag })
+        Some(BucketKey {
+            addr,
+            slice,
+            tag: self.tag,
+        })
+    }
+
+    /// The identity of this request's connections, for the debug log.
+    ///
+    /// # Safety
+    /// `upstream` must be live.
+    unsafe fn identity(&self) -> Identity<'_> {
+        Identity {
+            // SAFETY: see above.
+            module: unsafe { protocol_module(self.upstream) },
+            // SAFETY: as above.
+            protocol: unsafe { protocol(self.upstream) },
+            tls: self.tls.identity(),
+            slice: match &self.slice_key {
+                SliceKey::Key(key) => Some(key.as_bytes()),
+                _ => None,
+            },
         }
     }
 }
@@ -219,6 +236,14 @@ unsafe extern "C" fn init_peer(
             request: r,
             data: (*pc).data,
             slice_key,
+            // A location has one protocol handler: with `local`, the
+            // location's upstream conf separates protocols too.
+            tag: if (*kcf).local {
+                (*u).conf as usize
+            } else {
+                protocol(u)
+            },
+            tls: TlsKey::new(r, u),
             original_get_peer: (*pc).get,
             original_free_peer: (*pc).free,
             original_notify: (*pc).notify,
@@ -248,7 +273,7 @@ unsafe extern "C" fn init_peer(
 unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
     // SAFETY: data is our PeerData set in init_peer; pc is the request's.
     unsafe {
-        let kp = &*(data as *const PeerData);
+        let kp = &mut *(data as *mut PeerData);
         ngx_log_debug_mask!(DebugMask::Http, (*pc).log, "get keepalive slice peer");
 
         let Some(get) = kp.original_get_peer else {
@@ -259,19 +284,31 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             return rc;
         }
 
-        let Some(key) = kp.bucket_key(pc) else {
+        // Per try: a TLS name may depend on the server chosen.
+        let Some(addr) = kp.tls.evaluate(kp.request, kp.upstream, pc) else {
+            return NGX_OK;
+        };
+        let kp = &*kp;
+        let Some(key) = kp.bucket_key(addr) else {
             return NGX_OK;
         };
         let idle = &mut *(*kp.conf).idle;
         let Some(c) = idle.cache.take(&key) else {
+            ngx_log_debug_mask!(
+                DebugMask::Http,
+                (*pc).log,
+                "get keepalive slice peer: no idle connection for {}",
+                kp.identity()
+            );
             return NGX_OK;
         };
 
         ngx_log_debug_mask!(
             DebugMask::Http,
             (*pc).log,
-            "get keepalive slice peer: using connection {:p}",
-            c
+            "get keepalive slice peer: using connection {:p}: {}",
+            c,
+            kp.identity()
         );
 
         (*c).set_idle(0);
@@ -425,7 +462,10 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
     // SAFETY: see above.
     unsafe {
         let c = (*pc).connection;
-        let Some(key) = kp.bucket_key(pc) else {
+        if !tls_keepable(kp, pc, log) {
+            return;
+        }
+        let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
             return;
         };
         let Some(limit) = bucket_limit(kp, log) else {
@@ -455,8 +495,9 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
         ngx_log_debug_mask!(
             DebugMask::Http,
             log,
-            "free keepalive slice peer: saving connection {:p}",
-            c
+            "free keepalive slice peer: saving connection {:p}: {}",
+            c,
+            kp.identity()
         );
 
         if let Some(evicted) = stored.evicted {
@@ -490,6 +531,53 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
             close_handler(rev);
         }
     }
+}
+
+/// Whether the request's TLS identity can key its connection: it fits a
+/// bucket, and a connection nginx has just opened used the name the
+/// identity holds (nginx evaluated it again, after get peer; a variable
+/// that changed in between must not file the connection under the wrong
+/// name).
+///
+/// # Safety
+/// `pc` holds a connection of the live request of `kp`.
+unsafe fn tls_keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t) -> bool {
+    let TlsKey::Tls { state, .. } = &kp.tls else {
+        return true;
+    };
+    match state {
+        TlsState::Ready { .. } => {}
+        TlsState::Failed => return false,
+        TlsState::TooLong(len) => {
+            ngx_log_error!(
+                NGX_LOG_INFO,
+                log,
+                "keepalive: connection not kept, its address and TLS identity (name, \
+                 client certificate) take {len} bytes, more than the {MAX_ADDR_LEN} a bucket holds"
+            );
+            return false;
+        }
+    }
+    // SAFETY: u is the request's upstream; a connection nginx opened for
+    // this try (not cached) went through ngx_http_upstream_ssl_name().
+    unsafe {
+        if (*pc).cached() == 0 {
+            if let Some(name) = kp.tls.name() {
+                if (*kp.upstream).ssl_name.as_bytes() != name {
+                    ngx_log_error!(
+                        NGX_LOG_INFO,
+                        log,
+                        "keepalive: connection not kept, its TLS name \"{}\" is not \"{}\" \
+                         evaluated for it",
+                        NgxStr::from_bytes((*kp.upstream).ssl_name.as_bytes()),
+                        NgxStr::from_bytes(name)
+                    );
+                    return false;
+                }
+            }
+        }
+    }
+    true
 }
 
 fn log_refusal(log: *mut ngx_log_t, refusal: &Refusal, key: &[u8]) {

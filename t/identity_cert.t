@@ -1,0 +1,201 @@
+#!/usr/bin/perl
+
+# Tests for upstream keepalive: an idle TLS connection that presented a
+# client certificate is only reused by requests that present the same
+# one, and a connection that presented none only by requests that present
+# none.  Locations with and without proxy_ssl_certificate to one upstream,
+# in both orders, and a certificate chosen per request by a variable.
+#
+# The backend is a TLS server block of the same nginx that asks for a
+# client certificate (ssl_verify_client optional_no_ca) and reports the
+# subject it received and its connection number.
+#
+# With nginx's own keepalive module the scenario assertions fail: the
+# connection that presented tenant-a's certificate serves the location
+# without one, and the other way round.
+
+###############################################################################
+
+use warnings;
+use strict;
+
+use Test::More;
+
+use FindBin;
+BEGIN { push @INC, "$FindBin::Bin/lib"; }   # ours unless PERL5LIB names nginx's own library
+
+use Test::Nginx;
+use Test::Nginx::Keepalive qw/ http_get_host status_of header_of
+	ssl_certificates slice_module /;
+
+###############################################################################
+
+select STDERR; $| = 1;
+select STDOUT; $| = 1;
+
+my $t = Test::Nginx->new()->has(qw/http http_ssl proxy map upstream_keepalive/)
+	->has_daemon('openssl');
+
+$t->write_file_expand('nginx.conf', <<'EOF');
+
+%%TEST_GLOBALS%%
+
+daemon off;
+
+events {
+}
+
+http {
+    %%TEST_GLOBALS_HTTP%%
+
+    upstream u_first {
+        server 127.0.0.1:8081;
+        keepalive 16;
+    }
+
+    upstream u_second {
+        server 127.0.0.1:8081;
+        keepalive 16;
+    }
+
+    upstream u_var {
+        server 127.0.0.1:8081;
+        keepalive 16;
+    }
+
+    map $host $tenant_crt {
+        a.test  tenant-a.crt;
+        b.test  tenant-b.crt;
+        default "";
+    }
+
+    map $host $tenant_key {
+        a.test  tenant-a.key;
+        b.test  tenant-b.key;
+        default "";
+    }
+
+    server {
+        listen       127.0.0.1:8080;
+        server_name  localhost;
+
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+
+        # Sessions are the balancer's, one per server: a new connection
+        # resumes whichever location's session was saved last, and the
+        # backend takes the client certificate from the session.  Off
+        # here, so that what is tested is which connection a request
+        # gets (see README, "What a connection is bound to").
+
+        proxy_ssl_session_reuse off;
+
+        location /first/cert/ {
+            proxy_pass https://u_first;
+            proxy_ssl_certificate tenant-a.crt;
+            proxy_ssl_certificate_key tenant-a.key;
+        }
+
+        location /first/none/ {
+            proxy_pass https://u_first;
+        }
+
+        location /second/cert/ {
+            proxy_pass https://u_second;
+            proxy_ssl_certificate tenant-a.crt;
+            proxy_ssl_certificate_key tenant-a.key;
+        }
+
+        location /second/none/ {
+            proxy_pass https://u_second;
+        }
+
+        location /var/ {
+            proxy_pass https://u_var;
+            proxy_ssl_certificate $tenant_crt;
+            proxy_ssl_certificate_key $tenant_key;
+        }
+    }
+
+    server {
+        listen       127.0.0.1:8081 ssl;
+        server_name  localhost;
+
+        ssl_certificate localhost.crt;
+        ssl_certificate_key localhost.key;
+        ssl_verify_client optional_no_ca;
+
+        location / {
+            add_header X-Conn $connection always;
+            add_header X-DN "dn:$ssl_client_s_dn" always;
+            return 200 "backend\n";
+        }
+    }
+}
+
+EOF
+
+ssl_certificates($t, 'localhost', 'tenant-a', 'tenant-b');
+
+$t->run()->plan(10);
+
+###############################################################################
+
+sub get {
+	my ($host, $uri) = @_;
+	my $r = http_get_host($host, $uri);
+	return {
+		status => status_of($r) // 'none',
+		conn => header_of($r, 'X-Conn') // 'none',
+		dn => header_of($r, 'X-DN') // 'none',
+	};
+}
+
+sub dns {
+	return join ' ', map { $_->{dn} } @_;
+}
+
+sub conns {
+	return join ' ', map { $_->{conn} } @_;
+}
+
+###############################################################################
+
+# with a certificate first, then without, alternating
+
+my @f = map { get('localhost', "/first/$_/") } (qw/ cert none /) x 3;
+
+is(dns(@f), join(' ', ('dn:CN=tenant-a', 'dn:') x 3),
+	'certificate first: each location presents its own');
+is(conns(@f[0, 2, 4]), join(' ', ($f[0]{conn}) x 3),
+	'certificate first: its connection reused');
+is(conns(@f[1, 3, 5]), join(' ', ($f[1]{conn}) x 3),
+	'certificate first: the other location\'s connection reused');
+isnt($f[0]{conn}, $f[1]{conn}, 'certificate first: not shared');
+
+# without a certificate first
+
+my @s = map { get('localhost', "/second/$_/") } (qw/ none cert /) x 3;
+
+is(dns(@s), join(' ', ('dn:', 'dn:CN=tenant-a') x 3),
+	'no certificate first: each location presents its own');
+isnt($s[0]{conn}, $s[1]{conn}, 'no certificate first: not shared');
+is(conns(@s[1, 3, 5]), join(' ', ($s[1]{conn}) x 3),
+	'no certificate first: the certificate\'s connection reused');
+
+# a certificate chosen per request: tenant-a, tenant-b, none
+
+my @v = map { get($_, '/var/') } (qw/ a.test b.test c.test /) x 3;
+
+is(dns(@v), join(' ', ('dn:CN=tenant-a', 'dn:CN=tenant-b', 'dn:') x 3),
+	'variable certificate: each request presents its own');
+
+my %by_dn;
+$by_dn{$_->{dn}}{$_->{conn}} = 1 for @v;
+
+is(join(' ', map { scalar keys %{$by_dn{$_}} } sort keys %by_dn), '1 1 1',
+	'variable certificate: one connection per certificate');
+is(scalar keys %{{ map { $_->{conn} => 1 } @v }}, 3,
+	'variable certificate: three connections');
+
+###############################################################################
