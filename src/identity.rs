@@ -163,6 +163,24 @@ pub fn tls_part(addr: &[u8]) -> &[u8] {
     }
 }
 
+/// Longest stamp of a TLS session ([`session_stamp`]).
+pub const MAX_SESSION_STAMP: usize = 16 + MAX_ADDR_LEN;
+
+/// What a TLS session is stamped with when a request saves it, so that
+/// only requests of the same identity resume it: a per-upstream,
+/// per-configuration nonce (sessions may outlive a reload in an upstream
+/// zone, where the addresses of SSL contexts may be reused), the bucket tag
+/// (protocol, or location with `local`) and the TLS identity.
+pub fn session_stamp(nonce: u64, tag: usize, identity: &[u8], out: &mut [u8]) -> Option<usize> {
+    let len = 16 + identity.len();
+    let out = out.get_mut(..len)?;
+    let mut w = Writer { out, at: 0 };
+    w.put(&nonce.to_le_bytes());
+    w.put(&(tag as u64).to_le_bytes());
+    w.put(identity);
+    Some(len)
+}
+
 struct Writer<'o> {
     out: &'o mut [u8],
     at: usize,
@@ -482,6 +500,24 @@ mod tests {
         let name = vec![b'n'; MAX_TLS_IDENTITY - HEADER - 2];
         assert!(tls_address(&sun, &tls(Some(&name)), &mut out).is_ok());
         assert!(tls_address(&[0u8; MAX_ADDR_LEN], &tls(None), &mut out).is_err());
+    }
+
+    #[test]
+    fn session_stamps_hold_every_part() {
+        let stamp = |nonce, tag, id: &[u8]| {
+            let mut out = [0u8; MAX_SESSION_STAMP];
+            let len = session_stamp(nonce, tag, id, &mut out).unwrap();
+            out[..len].to_vec()
+        };
+        let id = bytes(&tls(Some(b"a.test")));
+        let other = bytes(&tls(Some(b"b.test")));
+        assert_eq!(stamp(1, 2, &id), stamp(1, 2, &id));
+        assert_ne!(stamp(1, 2, &id), stamp(3, 2, &id));
+        assert_ne!(stamp(1, 2, &id), stamp(1, 3, &id));
+        assert_ne!(stamp(1, 2, &id), stamp(1, 2, &other));
+        let longest = [0u8; MAX_ADDR_LEN];
+        assert!(session_stamp(1, 2, &longest, &mut [0u8; MAX_SESSION_STAMP]).is_some());
+        assert!(session_stamp(1, 2, &longest, &mut [0u8; MAX_SESSION_STAMP - 1]).is_none());
     }
 
     #[test]

@@ -96,17 +96,24 @@ impl TlsKey {
         }
     }
 
-    /// The TLS identity of the current try, for the debug log.
+    /// The TLS identity of the current try (empty for a plain connection
+    /// or one without a usable identity), for the debug log.
     pub fn identity(&self) -> &[u8] {
+        self.identity_checked().unwrap_or_default()
+    }
+
+    /// The TLS identity of the current try, `None` when there is none to
+    /// use (plain, not evaluated, failed, too long).
+    pub fn identity_checked(&self) -> Option<&[u8]> {
         match self {
             TlsKey::Tls {
                 buf,
                 state: TlsState::Ready { len, .. },
             } => {
                 // SAFETY: as in address().
-                tls_part(unsafe { core::slice::from_raw_parts(*buf, *len) })
+                Some(tls_part(unsafe { core::slice::from_raw_parts(*buf, *len) }))
             }
-            _ => &[],
+            _ => None,
         }
     }
 

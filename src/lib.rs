@@ -29,7 +29,7 @@ macro_rules! ffi_glue {
     )*};
 }
 
-ffi_glue!(conf, identity_ffi, module, peer);
+ffi_glue!(conf, identity_ffi, module, peer, session);
 
 #[cfg(test)]
 mod tests {

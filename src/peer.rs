@@ -26,6 +26,10 @@ use crate::args::parse_number;
 use crate::cache::{boxed_slice, BucketKey, IdleCache, Refusal};
 use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, NGX_ERROR, NGX_OK};
 use crate::identity::MAX_ADDR_LEN;
+#[cfg(ngx_feature = "http_ssl")]
+use crate::identity::{session_stamp, MAX_SESSION_STAMP};
+#[cfg(ngx_feature = "http_ssl")]
+use crate::session;
 use crate::identity_ffi::{protocol, protocol_module, Identity, TlsKey, TlsState};
 
 const NGX_DONE: ngx_int_t = ngx::ffi::NGX_DONE as ngx_int_t;
@@ -44,6 +48,9 @@ pub struct SlotHandle {
 pub struct IdleState {
     cache: IdleCache<*mut ngx_connection_t>,
     handles: Box<[SlotHandle]>,
+    /// Random, per upstream and configuration: part of the stamp of the
+    /// TLS sessions saved through this upstream (see `session`).
+    session_nonce: u64,
 }
 
 /// Per-request peer data, from the request pool.
@@ -93,6 +100,17 @@ impl PeerData {
             slice,
             tag: self.tag,
         })
+    }
+
+    /// The stamp of the TLS sessions of this request's identity, written
+    /// into `buf`; `None` without a usable identity.
+    #[cfg(ngx_feature = "http_ssl")]
+    fn session_stamp<'b>(&self, buf: &'b mut [u8]) -> Option<&'b [u8]> {
+        let identity = self.tls.identity_checked()?;
+        // SAFETY: the idle state lives as long as the configuration.
+        let nonce = unsafe { (*(*self.conf).idle).session_nonce };
+        let len = session_stamp(nonce, self.tag, identity, buf)?;
+        buf.get(..len)
     }
 
     /// The identity of this request's connections, for the debug log.
@@ -171,7 +189,12 @@ pub unsafe extern "C" fn init_upstream(
             keylen,
             cache.memory_bytes() + handles.len() * size_of::<SlotHandle>()
         );
-        let Some(idle) = free_with_cycle(cf, Box::new(IdleState { cache, handles })) else {
+        let state = IdleState {
+            cache,
+            handles,
+            session_nonce: random_nonce(),
+        };
+        let Some(idle) = free_with_cycle(cf, Box::new(state)) else {
             return NGX_ERROR;
         };
         for handle in (*idle).handles.iter_mut() {
@@ -180,6 +203,12 @@ pub unsafe extern "C" fn init_upstream(
         kcf.idle = idle;
     }
     NGX_OK
+}
+
+/// 64 random bits, from the keys std seeds its hash maps with.
+fn random_nonce() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0u8)
 }
 
 /// `init peer`: once per request; evaluates the slice key.
@@ -676,24 +705,39 @@ unsafe extern "C" fn notify_peer(
     }
 }
 
+/// `set session`: the balancer's session is resumed only if a request of
+/// this identity saved it (see `session`).
 #[cfg(ngx_feature = "http_ssl")]
 unsafe extern "C" fn set_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
-    // SAFETY: data is our PeerData.
+    // SAFETY: data is our PeerData; pc holds the new TLS connection.
     unsafe {
         let kp = &*(data as *const PeerData);
-        match kp.original_set_session {
-            Some(set) => set(pc, kp.data),
-            None => NGX_OK,
+        let mut buf = [0u8; MAX_SESSION_STAMP];
+        let (Some(set), Some(stamp)) = (kp.original_set_session, kp.session_stamp(&mut buf))
+        else {
+            return NGX_OK;
+        };
+        let rc = set(pc, kp.data);
+        if rc == NGX_OK {
+            session::resume_only_own((*pc).connection, stamp, (*pc).log);
         }
+        rc
     }
 }
 
+/// `save session`: the session is stamped with this request's identity
+/// before the balancer keeps it; one that cannot be stamped is not kept.
 #[cfg(ngx_feature = "http_ssl")]
 unsafe extern "C" fn save_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) {
-    // SAFETY: data is our PeerData.
+    // SAFETY: data is our PeerData; pc holds the request's TLS connection.
     unsafe {
         let kp = &*(data as *const PeerData);
-        if let Some(save) = kp.original_save_session {
+        let mut buf = [0u8; MAX_SESSION_STAMP];
+        let (Some(save), Some(stamp)) = (kp.original_save_session, kp.session_stamp(&mut buf))
+        else {
+            return;
+        };
+        if session::stamp((*pc).connection, stamp) {
             save(pc, kp.data);
         }
     }

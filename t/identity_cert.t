@@ -4,15 +4,20 @@
 # client certificate is only reused by requests that present the same
 # one, and a connection that presented none only by requests that present
 # none.  Locations with and without proxy_ssl_certificate to one upstream,
-# in both orders, and a certificate chosen per request by a variable.
+# in both orders, and a certificate chosen per request by a variable.  The
+# same holds for TLS sessions: a new connection only resumes a session
+# saved by a request that presented the same certificate (the backend
+# takes the client certificate from the resumed session).
 #
 # The backend is a TLS server block of the same nginx that asks for a
 # client certificate (ssl_verify_client optional_no_ca) and reports the
-# subject it received and its connection number.
+# subject it received, whether the session was resumed and its connection
+# number.
 #
 # With nginx's own keepalive module the scenario assertions fail: the
 # connection that presented tenant-a's certificate serves the location
-# without one, and the other way round.
+# without one, and the other way round; and a new connection resumes the
+# session of the other location.
 
 ###############################################################################
 
@@ -63,6 +68,14 @@ http {
         keepalive 16;
     }
 
+    # every request on a new connection, resuming a session if it may
+
+    upstream u_sessions {
+        server 127.0.0.1:8081;
+        keepalive 16;
+        keepalive_requests 1;
+    }
+
     map $host $tenant_crt {
         a.test  tenant-a.crt;
         b.test  tenant-b.crt;
@@ -81,14 +94,6 @@ http {
 
         proxy_http_version 1.1;
         proxy_set_header Connection "";
-
-        # Sessions are the balancer's, one per server: a new connection
-        # resumes whichever location's session was saved last, and the
-        # backend takes the client certificate from the session.  Off
-        # here, so that what is tested is which connection a request
-        # gets (see README, "What a connection is bound to").
-
-        proxy_ssl_session_reuse off;
 
         location /first/cert/ {
             proxy_pass https://u_first;
@@ -115,6 +120,16 @@ http {
             proxy_ssl_certificate $tenant_crt;
             proxy_ssl_certificate_key $tenant_key;
         }
+
+        location /sessions/cert/ {
+            proxy_pass https://u_sessions;
+            proxy_ssl_certificate tenant-a.crt;
+            proxy_ssl_certificate_key tenant-a.key;
+        }
+
+        location /sessions/none/ {
+            proxy_pass https://u_sessions;
+        }
     }
 
     server {
@@ -124,10 +139,12 @@ http {
         ssl_certificate localhost.crt;
         ssl_certificate_key localhost.key;
         ssl_verify_client optional_no_ca;
+        ssl_session_cache shared:SSL:1m;
 
         location / {
             add_header X-Conn $connection always;
             add_header X-DN "dn:$ssl_client_s_dn" always;
+            add_header X-Reused $ssl_session_reused always;
             return 200 "backend\n";
         }
     }
@@ -137,7 +154,7 @@ EOF
 
 ssl_certificates($t, 'localhost', 'tenant-a', 'tenant-b');
 
-$t->run()->plan(10);
+$t->run()->plan(13);
 
 ###############################################################################
 
@@ -148,6 +165,7 @@ sub get {
 		status => status_of($r) // 'none',
 		conn => header_of($r, 'X-Conn') // 'none',
 		dn => header_of($r, 'X-DN') // 'none',
+		reused => header_of($r, 'X-Reused') // 'none',
 	};
 }
 
@@ -197,5 +215,16 @@ is(join(' ', map { scalar keys %{$by_dn{$_}} } sort keys %by_dn), '1 1 1',
 	'variable certificate: one connection per certificate');
 is(scalar keys %{{ map { $_->{conn} => 1 } @v }}, 3,
 	'variable certificate: three connections');
+
+# sessions: the balancer keeps the session of the last handshake; a new
+# connection resumes it only if it was saved with the same certificate
+
+my @n = map { get('localhost', "/sessions/$_/") } qw/ cert cert none none cert none /;
+
+is(dns(@n), join(' ', ('dn:CN=tenant-a') x 2, ('dn:') x 2, 'dn:CN=tenant-a', 'dn:'),
+	'sessions: each location presents its own certificate');
+is(join(' ', map { $_->{reused} } @n), '. r . r . .',
+	'sessions: resumed only after the same location');
+is(scalar keys %{{ map { $_->{conn} => 1 } @n }}, 6, 'sessions: new connections');
 
 ###############################################################################

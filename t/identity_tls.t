@@ -7,16 +7,22 @@
 # from a location with other verification settings, gets a connection of
 # its own, and the same status it gets on a fresh connection.  Requests
 # with the same TLS identity share connections as before, across
-# locations too, sliced and unsliced.
+# locations too, sliced and unsliced.  TLS sessions follow the same rule:
+# a new connection does not resume a session verified under other settings
+# (its stored verification result would stand for its own), with and
+# without an upstream zone, where sessions are kept serialized.
 #
 # The backend is a TLS server block of the same nginx with a certificate
 # valid for a.test only, answering for a.test and b.test and reporting the
-# SNI name it received and its connection number.
+# SNI name it received, whether the session was resumed and its
+# connection number.
 #
 # With nginx's own keepalive module the scenario assertions fail: it hands
 # a.test's verified connection to b.test (200 instead of 502), sends b.test
-# over a connection whose SNI was a.test, and lets an unverified
-# connection serve a location that verifies.
+# over a connection whose SNI was a.test, lets an unverified connection
+# serve a location that verifies, and lets a location resume the session
+# another location verified with other trusted certificates (200 instead
+# of 502).
 
 ###############################################################################
 
@@ -37,7 +43,8 @@ use Test::Nginx::Keepalive qw/ http_get_host status_of header_of
 select STDERR; $| = 1;
 select STDOUT; $| = 1;
 
-my $t = Test::Nginx->new()->has(qw/http http_ssl proxy upstream_keepalive/)
+my $t = Test::Nginx->new()
+	->has(qw/http http_ssl proxy upstream_keepalive upstream_zone/)
 	->has_daemon('openssl');
 
 $t->write_file_expand('nginx.conf', <<'EOF');
@@ -70,6 +77,21 @@ http {
     upstream u_sliced {
         server 127.0.0.1:8081;
         %%SLICED%%
+    }
+
+    # every request on a new connection, resuming a session if it may
+
+    upstream u_sessions {
+        server 127.0.0.1:8081;
+        keepalive 16;
+        keepalive_requests 1;
+    }
+
+    upstream u_sessions_zone {
+        zone sessions 64k;
+        server 127.0.0.1:8081;
+        keepalive 16;
+        keepalive_requests 1;
     }
 
     server {
@@ -125,6 +147,37 @@ http {
             proxy_ssl_trusted_certificate other.crt;
             proxy_ssl_name a.test;
         }
+
+        # a session verified with the issuer trusted, then a location that
+        # does not trust it
+
+        location /sessions/trusted/ {
+            proxy_pass https://u_sessions;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate a.test.crt;
+            proxy_ssl_name a.test;
+        }
+
+        location /sessions/untrusted/ {
+            proxy_pass https://u_sessions;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate other.crt;
+            proxy_ssl_name a.test;
+        }
+
+        location /zone/trusted/ {
+            proxy_pass https://u_sessions_zone;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate a.test.crt;
+            proxy_ssl_name a.test;
+        }
+
+        location /zone/untrusted/ {
+            proxy_pass https://u_sessions_zone;
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate other.crt;
+            proxy_ssl_name a.test;
+        }
     }
 
     server {
@@ -138,6 +191,7 @@ http {
         location / {
             add_header X-Conn $connection always;
             add_header X-SNI "sni:$ssl_server_name" always;
+            add_header X-Reused $ssl_session_reused always;
             return 200 "backend $host\n";
         }
     }
@@ -156,7 +210,7 @@ $t->write_file('nginx.conf', $conf);
 
 ssl_certificates($t, 'a.test', 'other');
 
-$t->run()->plan(22);
+$t->run()->plan(24);
 
 ###############################################################################
 
@@ -167,6 +221,7 @@ sub get {
 		status => status_of($r) // 'none',
 		conn => header_of($r, 'X-Conn') // 'none',
 		sni => header_of($r, 'X-SNI') // 'none',
+		reused => header_of($r, 'X-Reused') // 'none',
 	};
 }
 
@@ -224,6 +279,17 @@ is(statuses(@o[1, 3]), '200 200', 'settings: location without verification');
 is(statuses(@o[2, 4]), '502 502',
 	'settings: verifying location after the unverified one');
 is($o[3]{conn}, $o[1]{conn}, 'settings: unverified connection reused by its location');
+
+# sessions: the location that does not trust the issuer never resumes the
+# session verified by the one that does (its stored result is "verified")
+
+for my $prefix ('/sessions', '/zone') {
+	my @r = map { get('a.test', "$prefix/$_/") }
+		qw/ trusted trusted untrusted untrusted /;
+	is(join(' ', map { "$_->{status}$_->{reused}" } @r),
+		'200. 200r 502none 502none',
+		"$prefix: resumed by the same settings only");
+}
 
 # sliced by $host: one connection per host, each with its own name
 
