@@ -68,6 +68,11 @@ http {
         keepalive 16;
     }
 
+    upstream u_long {
+        server 127.0.0.1:8081;
+        keepalive 16;
+    }
+
     # every request on a new connection, resuming a session if it may
 
     upstream u_sessions {
@@ -130,6 +135,17 @@ http {
         location /sessions/none/ {
             proxy_pass https://u_sessions;
         }
+
+        # certificate paths too long for the room a bucket keeps for the
+        # identity: the connection is not kept, the request unaffected
+
+        location /long/ {
+            set $long_crt %%LONG%%tenant-a.crt;
+            set $long_key %%LONG%%tenant-a.key;
+            proxy_pass https://u_long;
+            proxy_ssl_certificate $long_crt;
+            proxy_ssl_certificate_key $long_key;
+        }
     }
 
     server {
@@ -152,9 +168,14 @@ http {
 
 EOF
 
+my $conf = $t->read_file('nginx.conf');
+my $long = './' x 100;
+$conf =~ s/%%LONG%%/$long/g;
+$t->write_file('nginx.conf', $conf);
+
 ssl_certificates($t, 'localhost', 'tenant-a', 'tenant-b');
 
-$t->run()->plan(13);
+$t->run()->plan(16);
 
 ###############################################################################
 
@@ -226,5 +247,23 @@ is(dns(@n), join(' ', ('dn:CN=tenant-a') x 2, ('dn:') x 2, 'dn:CN=tenant-a', 'dn
 is(join(' ', map { $_->{reused} } @n), '. r . r . .',
 	'sessions: resumed only after the same location');
 is(scalar keys %{{ map { $_->{conn} => 1 } @n }}, 6, 'sessions: new connections');
+
+# an identity too long to keep: every request answered, on a new connection
+
+my @l = map { get('localhost', '/long/') } 1 .. 3;
+
+is(join(' ', map { "$_->{status} $_->{dn}" } @l),
+	join(' ', ('200 dn:CN=tenant-a') x 3), 'long identity: answered');
+is(scalar keys %{{ map { $_->{conn} => 1 } @l }}, 3,
+	'long identity: connections not kept');
+
+SKIP: {
+skip 'its log line needs the keepalive_slice module', 1 unless slice_module();
+
+like($t->read_file('error.log'),
+	qr/\[info\].*connection not kept, its address and TLS identity .* take \d+ bytes, more than the 388/,
+	'long identity: logged at info');
+
+}
 
 ###############################################################################
