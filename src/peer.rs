@@ -596,8 +596,8 @@ unsafe fn tls_keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut 
                     ngx_log_error!(
                         NGX_LOG_INFO,
                         log,
-                        "keepalive: connection not kept, its TLS name \"{}\" is not \"{}\" \
-                         evaluated for it",
+                        "keepalive: connection not kept, nginx opened it with TLS name \"{}\", \
+                         not \"{}\" as evaluated for its key",
                         NgxStr::from_bytes((*kp.upstream).ssl_name.as_bytes()),
                         NgxStr::from_bytes(name)
                     );
