@@ -12,14 +12,24 @@
 //! pointer in the module and an integer in the unit tests), so it can be
 //! tested without nginx.
 
-/// Longest server address kept; `sockaddr_un` (110 bytes) is the largest.
-pub const MAX_ADDR_LEN: usize = 128;
+/// Longest socket address; `sockaddr_un` (110 bytes) is the largest.
+pub const MAX_SOCKADDR_LEN: usize = 128;
+
+/// Longest TLS identity of a connection (see `identity`): its SNI name,
+/// verification settings and client certificate. Any host name up to 245
+/// bytes fits, or a name and variable certificate paths together.
+pub const MAX_TLS_IDENTITY: usize = 256;
+
+/// Longest address a bucket keeps: a socket address, or for a TLS
+/// connection a 4-byte header, the socket address and its TLS identity.
+pub const MAX_ADDR_LEN: usize = 4 + MAX_SOCKADDR_LEN + MAX_TLS_IDENTITY;
 
 const NIL: u32 = u32::MAX;
 
-/// What identifies a bucket: the server address as nginx stores it, the
-/// evaluated slice key (empty when not sliced) and the location tag (0
-/// unless `local`).
+/// What identifies a bucket: the server address as nginx stores it (for a
+/// TLS connection followed by its TLS identity, `identity::tls_address`),
+/// the evaluated slice key (empty when not sliced) and a tag: the location
+/// with `local`, otherwise the protocol handler.
 #[derive(Clone, Copy, Debug)]
 pub struct BucketKey<'a> {
     pub addr: &'a [u8],
@@ -37,7 +47,7 @@ pub enum Refusal {
     /// It needs a new bucket and all `poolsize` buckets are in use.
     PoolExhausted { poolsize: usize },
     /// The cache holds no connections at all (`keepalive 0`) or the address
-    /// is longer than any socket address.
+    /// is longer than [`MAX_ADDR_LEN`].
     Unusable,
 }
 
@@ -66,7 +76,7 @@ struct IdleSlot<C> {
 struct Bucket {
     hash: u64,
     tag: usize,
-    addr_len: u8,
+    addr_len: u16,
     slice_len: u32,
     /// Next bucket in the same hash chain, or in the free list.
     chain_next: u32,
@@ -373,7 +383,7 @@ impl<C: Copy> IdleCache<C> {
         self.buckets[i] = Bucket {
             hash,
             tag: key.tag,
-            addr_len: key.addr.len() as u8,
+            addr_len: key.addr.len() as u16,
             slice_len: slice.len() as u32,
             chain_next: self.table[chain],
             head: NIL,
@@ -500,8 +510,8 @@ mod tests {
                 .memory_bytes()
         };
         // Each connection costs its slot; each bucket its record, the
-        // longest socket address and the key bytes (7 and 6 buckets share
-        // a table of 16 links).
+        // longest address (socket address and TLS identity) and the key
+        // bytes (7 and 6 buckets share a table of 16 links).
         let slot = bytes(2, 1, 0) - bytes(1, 1, 0);
         let bucket_and_key = bytes(1, 7, 1) - bytes(1, 6, 1);
         assert_eq!(
@@ -513,11 +523,11 @@ mod tests {
         assert!(bucket_and_key <= 64 + MAX_ADDR_LEN + 1, "{bucket_and_key}");
 
         // The README's figures: an unsliced keepalive 1024 (a bucket per
-        // connection) stays under 256 KiB, the sliced defaults under 64 KiB,
+        // connection) stays under 512 KiB, the sliced defaults under 64 KiB,
         // and the largest sizes the directive accepts are bounded.
-        assert!(bytes(1024, 1025, 0) < 256 << 10);
+        assert!(bytes(1024, 1025, 0) < 512 << 10);
         assert!(bytes(1024, 20, 40) < 64 << 10);
-        assert!(bytes(1 << 16, (1 << 16) + 1, 0) < 16 << 20);
+        assert!(bytes(1 << 16, (1 << 16) + 1, 0) < 32 << 20);
         assert!(bytes(1 << 16, (1 << 16) + 1, 1024) < 96 << 20);
     }
 
@@ -687,6 +697,21 @@ mod tests {
     }
 
     #[test]
+    fn addresses_beyond_the_longest_are_not_kept() {
+        let mut cache = unsliced(2);
+        let long = [7u8; MAX_ADDR_LEN + 1];
+        assert_eq!(
+            cache.store(&key(&long, b""), 1, usize::MAX),
+            Err(Refusal::Unusable)
+        );
+        assert_eq!(cache.take(&key(&long, b"")), None);
+        cache
+            .store(&key(&long[..MAX_ADDR_LEN], b""), 2, usize::MAX)
+            .unwrap();
+        assert_eq!(cache.take(&key(&long[..MAX_ADDR_LEN], b"")), Some(2));
+    }
+
+    #[test]
     fn zero_capacity_keeps_nothing() {
         let mut cache: IdleCache<u32> = IdleCache::new(0, 1, 0).unwrap();
         assert_eq!(
@@ -708,7 +733,22 @@ mod tests {
     /// length, still makes another bucket.
     #[test]
     fn every_byte_of_address_and_key_counts() {
-        for len in [1usize, 7, 8, 9, 15, 16, 17, 28, 110, 128] {
+        for len in [
+            1usize,
+            7,
+            8,
+            9,
+            15,
+            16,
+            17,
+            28,
+            110,
+            128,
+            255,
+            256,
+            300,
+            MAX_ADDR_LEN,
+        ] {
             let addr: Vec<u8> = (0..len).map(|i| i as u8).collect();
             for i in 0..len {
                 let mut other = addr.clone();

@@ -2,13 +2,14 @@
 //! `keepalive` directive whose idle-connection cache can be sliced by a
 //! per-request key (usually `$host`).
 //!
-//! `cache`, `args`, `stats` (counters in shared memory) and `report` (the
-//! status page and variable values) are plain Rust, unit-tested without
-//! nginx; the FFI glue is left out of test builds because a test binary
-//! cannot link nginx's symbols.
+//! `cache`, `args`, `identity` (what a connection is bound to), `stats`
+//! (counters in shared memory) and `report` (the status page and variable
+//! values) are plain Rust, unit-tested without nginx; the FFI glue is left
+//! out of test builds because a test binary cannot link nginx's symbols.
 
 pub mod args;
 pub mod cache;
+pub mod identity;
 pub mod report;
 pub mod stats;
 
@@ -31,7 +32,7 @@ macro_rules! ffi_glue {
     )*};
 }
 
-ffi_glue!(conf, module, peer, status, variables);
+ffi_glue!(conf, identity_ffi, module, peer, session, status, variables);
 
 #[cfg(test)]
 mod tests {

@@ -2,8 +2,9 @@
 //! per callback as in nginx's own `ngx_http_upstream_keepalive_module.c`.
 //!
 //! The balancer is always asked first; only then is an idle connection to
-//! that exact server address (and slice key, and location with `local`)
-//! taken from the cache.
+//! that exact server address, opened for the same protocol and TLS
+//! identity (see `identity`), and with the same slice key and location
+//! (with `local`) taken from the cache.
 
 use core::ffi::c_void;
 use core::ptr;
@@ -26,6 +27,12 @@ use crate::cache::{boxed_slice, BucketKey, IdleCache, Refusal};
 use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, NGX_ERROR, NGX_OK};
 use crate::stats::{Closed, Counter, NotKept, UpstreamStats};
 use crate::variables;
+use crate::identity::MAX_ADDR_LEN;
+#[cfg(ngx_feature = "http_ssl")]
+use crate::identity::{session_stamp, MAX_SESSION_STAMP};
+#[cfg(ngx_feature = "http_ssl")]
+use crate::session;
+use crate::identity_ffi::{protocol, protocol_module, Identity, TlsKey, TlsState};
 
 const NGX_DONE: ngx_int_t = ngx::ffi::NGX_DONE as ngx_int_t;
 const NGX_AGAIN: ngx_int_t = ngx::ffi::NGX_AGAIN as ngx_int_t;
@@ -47,6 +54,9 @@ pub struct IdleState {
     pub stats: UpstreamStats,
     /// The configuration uses `$upstream_keepalive_*`: record each try.
     pub log_tries: bool,
+    /// Random, per upstream and configuration: part of the stamp of the
+    /// TLS sessions saved through this upstream (see `session`).
+    session_nonce: u64,
 }
 
 impl IdleState {
@@ -66,6 +76,12 @@ struct PeerData {
     /// The wrapped balancer's own data.
     data: *mut c_void,
     slice_key: SliceKey,
+    /// What the connection is bound to beyond its socket address: the
+    /// bucket tag (the protocol handler, or with `local` the location,
+    /// whose handler fixes the protocol), and for TLS the identity of the
+    /// current try.
+    tag: usize,
+    tls: TlsKey,
 
     original_get_peer: ngx_event_get_peer_pt,
     original_free_peer: ngx_event_free_peer_pt,
@@ -86,28 +102,47 @@ enum SliceKey {
 }
 
 impl PeerData {
-    /// The bucket this request's connections belong to.
-    ///
-    /// # Safety
-    /// `pc` must hold the address chosen by the balancer, and `upstream`
-    /// must be live.
-    unsafe fn bucket_key(&self, pc: *mut ngx_peer_connection_t) -> Option<BucketKey<'_>> {
+    /// The bucket of this request's connection to `addr` (see
+    /// `TlsKey::evaluate`).
+    fn bucket_key<'a>(&'a self, addr: &'a [u8]) -> Option<BucketKey<'a>> {
         let slice = match &self.slice_key {
             SliceKey::Unsliced => &[][..],
             SliceKey::Key(key) => key.as_bytes(),
             SliceKey::Failed => return None,
         };
-        // SAFETY: sockaddr/socklen describe the balancer's choice; u->conf
-        // is the location's upstream conf, stable for the cycle.
-        unsafe {
-            let addr =
-                core::slice::from_raw_parts((*pc).sockaddr as *const u8, (*pc).socklen as usize);
-            let tag = if (*self.conf).local {
-                (*self.upstream).conf as usize
-            } else {
-                0
-            };
-            Some(BucketKey { addr, slice, tag })
+        Some(BucketKey {
+            addr,
+            slice,
+            tag: self.tag,
+        })
+    }
+
+    /// The stamp of the TLS sessions of this request's identity, written
+    /// into `buf`; `None` without a usable identity.
+    #[cfg(ngx_feature = "http_ssl")]
+    fn session_stamp<'b>(&self, buf: &'b mut [u8]) -> Option<&'b [u8]> {
+        let identity = self.tls.identity_checked()?;
+        // SAFETY: the idle state lives as long as the configuration.
+        let nonce = unsafe { (*(*self.conf).idle).session_nonce };
+        let len = session_stamp(nonce, self.tag, identity, buf)?;
+        buf.get(..len)
+    }
+
+    /// The identity of this request's connections, for the debug log.
+    ///
+    /// # Safety
+    /// `upstream` must be live.
+    unsafe fn identity(&self) -> Identity<'_> {
+        Identity {
+            // SAFETY: see above.
+            module: unsafe { protocol_module(self.upstream) },
+            // SAFETY: as above.
+            protocol: unsafe { protocol(self.upstream) },
+            tls: self.tls.identity(),
+            slice: match &self.slice_key {
+                SliceKey::Key(key) => Some(key.as_bytes()),
+                _ => None,
+            },
         }
     }
 
@@ -203,6 +238,7 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
             handles,
             stats: UpstreamStats::new(),
             log_tries: false,
+            session_nonce: random_nonce(),
         };
         let Some(idle) = free_with_cycle(cf, Box::new(state)) else {
             return NGX_ERROR;
@@ -213,6 +249,12 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
         kcf.idle = idle;
     }
     NGX_OK
+}
+
+/// 64 random bits, from the keys std seeds its hash maps with.
+fn random_nonce() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0u8)
 }
 
 /// `init peer`: once per request; evaluates the slice key.
@@ -269,6 +311,14 @@ unsafe extern "C" fn init_peer(
             request: r,
             data: (*pc).data,
             slice_key,
+            // A location has one protocol handler: with `local`, the
+            // location's upstream conf separates protocols too.
+            tag: if (*kcf).local {
+                (*u).conf as usize
+            } else {
+                protocol(u)
+            },
+            tls: TlsKey::new(r, u),
             original_get_peer: (*pc).get,
             original_free_peer: (*pc).free,
             original_notify: (*pc).notify,
@@ -298,7 +348,7 @@ unsafe extern "C" fn init_peer(
 unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
     // SAFETY: data is our PeerData set in init_peer; pc is the request's.
     unsafe {
-        let kp = &*(data as *const PeerData);
+        let kp = &mut *(data as *mut PeerData);
         ngx_log_debug_mask!(DebugMask::Http, (*pc).log, "get keepalive slice peer");
 
         let Some(get) = kp.original_get_peer else {
@@ -309,8 +359,11 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             return rc;
         }
 
+        // Per try: a TLS name may depend on the server chosen.
+        let addr = kp.tls.evaluate(kp.request, kp.upstream, pc);
+        let kp = &*kp;
         let idle = &mut *(*kp.conf).idle;
-        let taken = match kp.bucket_key(pc) {
+        let taken = match addr.and_then(|addr| kp.bucket_key(addr)) {
             Some(key) => idle.cache.take(&key),
             None => None,
         };
@@ -324,14 +377,21 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             variables::record_try(kp.request, taken.is_some(), requests, kp.logged_key());
         }
         let Some(c) = taken else {
+            ngx_log_debug_mask!(
+                DebugMask::Http,
+                (*pc).log,
+                "get keepalive slice peer: no idle connection for {}",
+                kp.identity()
+            );
             return NGX_OK;
         };
 
         ngx_log_debug_mask!(
             DebugMask::Http,
             (*pc).log,
-            "get keepalive slice peer: using connection {:p}",
-            c
+            "get keepalive slice peer: using connection {:p}: {}",
+            c,
+            kp.identity()
         );
 
         (*c).set_idle(0);
@@ -490,7 +550,11 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
     unsafe {
         let c = (*pc).connection;
         let idle = &mut *(*kp.conf).idle;
-        let Some(key) = kp.bucket_key(pc) else {
+        if !tls_keepable(kp, pc, log) {
+            idle.count(Counter::NotKept(NotKept::Error));
+            return;
+        }
+        let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
             idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
@@ -525,8 +589,9 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
         ngx_log_debug_mask!(
             DebugMask::Http,
             log,
-            "free keepalive slice peer: saving connection {:p}",
-            c
+            "free keepalive slice peer: saving connection {:p}: {}",
+            c,
+            kp.identity()
         );
 
         if let Some(evicted) = stored.evicted {
@@ -571,6 +636,53 @@ fn not_kept_because(refusal: &Refusal) -> NotKept {
         Refusal::PoolExhausted { .. } => NotKept::NoFreeBucket,
         Refusal::Unusable => NotKept::Error,
     }
+}
+
+/// Whether the request's TLS identity can key its connection: it fits a
+/// bucket, and a connection nginx has just opened used the name the
+/// identity holds (nginx evaluated it again, after get peer; a variable
+/// that changed in between must not file the connection under the wrong
+/// name).
+///
+/// # Safety
+/// `pc` holds a connection of the live request of `kp`.
+unsafe fn tls_keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t) -> bool {
+    let TlsKey::Tls { state, .. } = &kp.tls else {
+        return true;
+    };
+    match state {
+        TlsState::Ready { .. } => {}
+        TlsState::Failed => return false,
+        TlsState::TooLong(len) => {
+            ngx_log_error!(
+                NGX_LOG_INFO,
+                log,
+                "keepalive: connection not kept, its address and TLS identity (name, \
+                 client certificate) take {len} bytes, more than the {MAX_ADDR_LEN} a bucket holds"
+            );
+            return false;
+        }
+    }
+    // SAFETY: u is the request's upstream; a connection nginx opened for
+    // this try (not cached) went through ngx_http_upstream_ssl_name().
+    unsafe {
+        if (*pc).cached() == 0 {
+            if let Some(name) = kp.tls.name() {
+                if (*kp.upstream).ssl_name.as_bytes() != name {
+                    ngx_log_error!(
+                        NGX_LOG_INFO,
+                        log,
+                        "keepalive: connection not kept, nginx opened it with TLS name \"{}\", \
+                         not \"{}\" as evaluated for its key",
+                        NgxStr::from_bytes((*kp.upstream).ssl_name.as_bytes()),
+                        NgxStr::from_bytes(name)
+                    );
+                    return false;
+                }
+            }
+        }
+    }
+    true
 }
 
 fn log_refusal(log: *mut ngx_log_t, refusal: &Refusal, key: &[u8]) {
@@ -681,24 +793,39 @@ unsafe extern "C" fn notify_peer(
     }
 }
 
+/// `set session`: the balancer's session is resumed only if a request of
+/// this identity saved it (see `session`).
 #[cfg(ngx_feature = "http_ssl")]
 unsafe extern "C" fn set_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
-    // SAFETY: data is our PeerData.
+    // SAFETY: data is our PeerData; pc holds the new TLS connection.
     unsafe {
         let kp = &*(data as *const PeerData);
-        match kp.original_set_session {
-            Some(set) => set(pc, kp.data),
-            None => NGX_OK,
+        let mut buf = [0u8; MAX_SESSION_STAMP];
+        let (Some(set), Some(stamp)) = (kp.original_set_session, kp.session_stamp(&mut buf))
+        else {
+            return NGX_OK;
+        };
+        let rc = set(pc, kp.data);
+        if rc == NGX_OK {
+            session::resume_only_own((*pc).connection, stamp, (*pc).log);
         }
+        rc
     }
 }
 
+/// `save session`: the session is stamped with this request's identity
+/// before the balancer keeps it; one that cannot be stamped is not kept.
 #[cfg(ngx_feature = "http_ssl")]
 unsafe extern "C" fn save_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) {
-    // SAFETY: data is our PeerData.
+    // SAFETY: data is our PeerData; pc holds the request's TLS connection.
     unsafe {
         let kp = &*(data as *const PeerData);
-        if let Some(save) = kp.original_save_session {
+        let mut buf = [0u8; MAX_SESSION_STAMP];
+        let (Some(save), Some(stamp)) = (kp.original_save_session, kp.session_stamp(&mut buf))
+        else {
+            return;
+        };
+        if session::stamp((*pc).connection, stamp) {
             save(pc, kp.data);
         }
     }

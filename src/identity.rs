@@ -1,0 +1,546 @@
+//! What an upstream connection is bound to, beyond its server address, in
+//! plain Rust (the values are read from the request by `identity_ffi`).
+//!
+//! A connection is opened by one protocol handler (proxy over HTTP/1.x,
+//! proxy over HTTP/2, gRPC, FastCGI, ...) and, over TLS, with one SNI name,
+//! one verification of the server's certificate and possibly one client
+//! certificate. Reusing it for a request that would have opened it
+//! differently is wrong: a request for `b.test` on a connection verified
+//! for `a.test` skips its own verification, a request without a client
+//! certificate travels authenticated as someone else, an HTTP/1.1 request
+//! on an HTTP/2 connection hangs. So every bucket of the idle cache is
+//! keyed by this identity too, and requests share connections only when
+//! their identities are equal, byte for byte (never a hash: the SNI name
+//! is often the client's `Host`).
+//!
+//! The protocol is a word (the handler's `create_request`, see
+//! `identity_ffi`), the bucket's tag unless `local` gives it the location
+//! (whose handler fixes the protocol). The TLS part is a byte string built
+//! here and appended to the server address ([`tls_address`]), so that a
+//! plain connection's key is exactly what it was:
+//!
+//! ```text
+//! context  8 bytes   the location's SSL context (ngx_ssl_t *): trusted
+//!                    CAs, CRLs, verify depth, static client certificate,
+//!                    protocols, ciphers all live in it
+//! flags    1 byte    verify, server_name, name present, certificate present
+//! name     2 + n     the name sent as SNI and/or verified, port stripped
+//! cert     2 + n     a variable client certificate, as evaluated
+//! key      2 + n     and its key
+//! ```
+//!
+//! Length prefixes make the encoding injective: equal bytes mean equal
+//! values, field by field.
+
+use core::fmt;
+
+pub use crate::cache::{MAX_ADDR_LEN, MAX_TLS_IDENTITY};
+
+/// The first two bytes of a TLS address, where a socket address has its
+/// family: no system has a family 0xffff (Linux has fewer than 64), so a
+/// TLS address never equals a plain socket address.
+const TLS_MARK: [u8; 2] = [0xff, 0xff];
+const TLS_ADDRESS_HEADER: usize = 4;
+
+const VERIFY: u8 = 1;
+const SERVER_NAME: u8 = 2;
+const HAS_NAME: u8 = 4;
+const HAS_CERTIFICATE: u8 = 8;
+const HEADER: usize = 9;
+
+/// The TLS settings and per-request values that make one connection
+/// differ from another to the same server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlsIdentity<'a> {
+    /// The location's SSL context, an address: contexts are shared by
+    /// locations that inherit their SSL settings, distinct otherwise.
+    pub context: usize,
+    /// `*_ssl_verify on`.
+    pub verify: bool,
+    /// `*_ssl_server_name on`.
+    pub server_name: bool,
+    /// The evaluated `*_ssl_name` (or the upstream's name), as nginx takes
+    /// it before stripping a port. Ignored unless `verify` or
+    /// `server_name`: nginx then neither sends nor checks it.
+    pub name: Option<&'a [u8]>,
+    /// A variable `*_ssl_certificate` and its key, as evaluated (nginx's
+    /// values end in a NUL). An empty certificate presents none.
+    pub certificate: Option<(&'a [u8], &'a [u8])>,
+}
+
+/// The identity does not fit the bytes available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TooLong {
+    pub len: usize,
+}
+
+impl TlsIdentity<'_> {
+    /// The name nginx sends and verifies, exactly as
+    /// `ngx_http_upstream_ssl_name()` computes it, or `None` when it uses
+    /// none.
+    pub fn effective_name(&self) -> Option<&[u8]> {
+        if !(self.verify || self.server_name) {
+            return None;
+        }
+        self.name.map(strip_port)
+    }
+
+    /// The client certificate and key presented, `None` if none is (an
+    /// empty evaluated certificate, as nginx decides by its first byte).
+    pub fn effective_certificate(&self) -> Option<(&[u8], &[u8])> {
+        self.certificate
+            .filter(|(cert, _)| cert.first().is_some_and(|&b| b != 0))
+    }
+
+    /// Writes the identity into `out`; returns its length.
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, TooLong> {
+        let name = self.effective_name();
+        let certificate = self.effective_certificate();
+
+        let len = HEADER
+            + name.map_or(0, |n| 2 + n.len())
+            + certificate.map_or(0, |(c, k)| 4 + c.len() + k.len());
+        let fields = [name, certificate.map(|c| c.0), certificate.map(|c| c.1)];
+        if len > out.len()
+            || fields
+                .iter()
+                .flatten()
+                .any(|f| f.len() > usize::from(u16::MAX))
+        {
+            return Err(TooLong { len });
+        }
+
+        let mut flags = 0;
+        for (on, bit) in [
+            (self.verify, VERIFY),
+            (self.server_name, SERVER_NAME),
+            (name.is_some(), HAS_NAME),
+            (certificate.is_some(), HAS_CERTIFICATE),
+        ] {
+            if on {
+                flags |= bit;
+            }
+        }
+
+        let mut w = Writer { out, at: 0 };
+        w.put(&(self.context as u64).to_le_bytes());
+        w.put(&[flags]);
+        for field in fields.into_iter().flatten() {
+            w.put(&(field.len() as u16).to_le_bytes());
+            w.put(field);
+        }
+        Ok(w.at)
+    }
+}
+
+/// The address a TLS connection is kept under: the mark, the socket
+/// address's length (2 bytes), the socket address, then its TLS identity
+/// (which may use all the room the socket address leaves, at least
+/// [`MAX_TLS_IDENTITY`] bytes). Returns its length in `out`.
+pub fn tls_address(sockaddr: &[u8], id: &TlsIdentity, out: &mut [u8]) -> Result<usize, TooLong> {
+    let head = TLS_ADDRESS_HEADER + sockaddr.len();
+    let socklen = u16::try_from(sockaddr.len()).map_err(|_| TooLong { len: head })?;
+    let Some((front, rest)) = out.split_at_mut_checked(head) else {
+        return Err(TooLong { len: head });
+    };
+    let mut w = Writer { out: front, at: 0 };
+    w.put(&TLS_MARK);
+    w.put(&socklen.to_le_bytes());
+    w.put(sockaddr);
+    id.encode(rest)
+        .map(|len| head + len)
+        .map_err(|e| TooLong { len: e.len })
+}
+
+/// The TLS identity in an address made by [`tls_address`]; empty for a
+/// plain socket address.
+pub fn tls_part(addr: &[u8]) -> &[u8] {
+    match addr {
+        [m0, m1, l0, l1, rest @ ..] if [*m0, *m1] == TLS_MARK => rest
+            .get(usize::from(u16::from_le_bytes([*l0, *l1]))..)
+            .unwrap_or_default(),
+        _ => &[],
+    }
+}
+
+/// Longest stamp of a TLS session ([`session_stamp`]).
+pub const MAX_SESSION_STAMP: usize = 16 + MAX_ADDR_LEN;
+
+/// What a TLS session is stamped with when a request saves it, so that
+/// only requests of the same identity resume it: a per-upstream,
+/// per-configuration nonce (sessions may outlive a reload in an upstream
+/// zone, where the addresses of SSL contexts may be reused), the bucket tag
+/// (protocol, or location with `local`) and the TLS identity.
+pub fn session_stamp(nonce: u64, tag: usize, identity: &[u8], out: &mut [u8]) -> Option<usize> {
+    let len = 16 + identity.len();
+    let out = out.get_mut(..len)?;
+    let mut w = Writer { out, at: 0 };
+    w.put(&nonce.to_le_bytes());
+    w.put(&(tag as u64).to_le_bytes());
+    w.put(identity);
+    Some(len)
+}
+
+struct Writer<'o> {
+    out: &'o mut [u8],
+    at: usize,
+}
+
+impl Writer<'_> {
+    /// Copies `bytes` on (the caller checked the total length).
+    fn put(&mut self, bytes: &[u8]) {
+        let end = self.at + bytes.len();
+        if let Some(dst) = self.out.get_mut(self.at..end) {
+            dst.copy_from_slice(bytes);
+        }
+        self.at = end;
+    }
+}
+
+/// The name without a port, as `ngx_http_upstream_ssl_name()` strips it: up
+/// to the first `:`, or the first `:` after the `]` of a bracketed IPv6
+/// address.
+pub fn strip_port(name: &[u8]) -> &[u8] {
+    let from = match name.first() {
+        Some(b'[') => memchr::memchr(b']', name).unwrap_or(0),
+        _ => 0,
+    };
+    match name.get(from..).and_then(|rest| memchr::memchr(b':', rest)) {
+        Some(colon) => name.get(..from + colon).unwrap_or(name),
+        None => name,
+    }
+}
+
+/// An encoded TLS identity, decoded for the debug log: what the connection
+/// was opened with (`tls off` for none).
+pub struct Describe<'a>(pub &'a [u8]);
+
+impl fmt::Display for Describe<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("tls off");
+        }
+        let mut r = Reader(self.0);
+        let (Some(context), Some(&[flags])) = (r.take(8), r.take(1)) else {
+            return f.write_str("tls (malformed)");
+        };
+        let context = u64::from_le_bytes(context.try_into().unwrap_or_default());
+        let on = |bit| if flags & bit != 0 { "on" } else { "off" };
+        write!(
+            f,
+            "tls ctx {context:#x} verify {} server_name {}",
+            on(VERIFY),
+            on(SERVER_NAME)
+        )?;
+        if flags & HAS_NAME != 0 {
+            write!(f, " name \"{}\"", Escaped(r.field().unwrap_or_default()))?;
+        }
+        if flags & HAS_CERTIFICATE != 0 {
+            let cert = r.field().unwrap_or_default();
+            let key = r.field().unwrap_or_default();
+            write!(
+                f,
+                " certificate \"{}\" key \"{}\"",
+                Escaped(cert),
+                Escaped(key)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+        self.0 = rest;
+        Some(head)
+    }
+
+    fn field(&mut self) -> Option<&'a [u8]> {
+        let len = self.take(2)?;
+        let len = u16::from_le_bytes([*len.first()?, *len.get(1)?]);
+        self.take(usize::from(len))
+    }
+}
+
+/// Bytes for a log line: printable ASCII as is, anything else (the NUL
+/// nginx ends file names with, control bytes a client sent) escaped.
+pub struct Escaped<'a>(pub &'a [u8]);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let bytes = match self.0.split_last() {
+            Some((0, rest)) => rest,
+            _ => self.0,
+        };
+        for &b in bytes {
+            if (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\' {
+                write!(f, "{}", b as char)?;
+            } else {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls<'a>(name: Option<&'a [u8]>) -> TlsIdentity<'a> {
+        TlsIdentity {
+            context: 0x1000,
+            verify: true,
+            server_name: true,
+            name,
+            certificate: None,
+        }
+    }
+
+    fn bytes(id: &TlsIdentity) -> Vec<u8> {
+        let mut out = [0u8; MAX_TLS_IDENTITY];
+        let len = id.encode(&mut out).unwrap();
+        out[..len].to_vec()
+    }
+
+    #[test]
+    fn strips_the_port_as_nginx_does() {
+        for (name, stripped) in [
+            (&b"a.test"[..], &b"a.test"[..]),
+            (b"a.test:8443", b"a.test"),
+            (b"a.test:", b"a.test"),
+            (b":443", b""),
+            (b"", b""),
+            (b"[::1]", b"[::1]"),
+            (b"[::1]:443", b"[::1]"),
+            (b"[::1", b"["),
+            (b"a:b:c", b"a"),
+        ] {
+            assert_eq!(
+                strip_port(name),
+                stripped,
+                "{:?}",
+                String::from_utf8_lossy(name)
+            );
+            // nginx strips again on a retry: the result must not change
+            assert_eq!(strip_port(strip_port(name)), strip_port(name));
+        }
+    }
+
+    #[test]
+    fn every_part_counts() {
+        let base = tls(Some(b"a.test"));
+        let variants = [
+            TlsIdentity {
+                context: 0x2000,
+                ..base
+            },
+            TlsIdentity {
+                verify: false,
+                ..base
+            },
+            TlsIdentity {
+                server_name: false,
+                ..base
+            },
+            TlsIdentity {
+                name: Some(b"b.test"),
+                ..base
+            },
+            TlsIdentity {
+                name: Some(b"a.tes"),
+                ..base
+            },
+            TlsIdentity { name: None, ..base },
+            TlsIdentity {
+                certificate: Some((b"a.crt\0", b"a.key\0")),
+                ..base
+            },
+        ];
+        for (i, v) in variants.iter().enumerate() {
+            assert_ne!(bytes(&base), bytes(v), "variant {i}");
+        }
+        let with_cert = variants[6];
+        assert_ne!(
+            bytes(&with_cert),
+            bytes(&TlsIdentity {
+                certificate: Some((b"a.crt\0", b"b.key\0")),
+                ..base
+            })
+        );
+        assert_eq!(bytes(&base), bytes(&tls(Some(b"a.test"))));
+    }
+
+    /// Length prefixes: moving bytes from one field to the next never
+    /// gives the same encoding.
+    #[test]
+    fn fields_cannot_run_into_each_other() {
+        let a = TlsIdentity {
+            certificate: Some((b"ab\0", b"c\0")),
+            ..tls(Some(b"x"))
+        };
+        let b = TlsIdentity {
+            certificate: Some((b"a\0", b"bc\0")),
+            ..tls(Some(b"x"))
+        };
+        assert_ne!(bytes(&a), bytes(&b));
+        let c = TlsIdentity {
+            certificate: Some((b"x\0", b"k\0")),
+            ..tls(Some(b""))
+        };
+        let d = TlsIdentity {
+            certificate: Some((b"x\0", b"k\0")),
+            ..tls(Some(b"x"))
+        };
+        assert_ne!(bytes(&c), bytes(&d));
+    }
+
+    #[test]
+    fn what_nginx_ignores_does_not_count() {
+        // no verification and no SNI: nginx never looks at the name
+        let off = TlsIdentity {
+            verify: false,
+            server_name: false,
+            ..tls(Some(b"a.test"))
+        };
+        assert_eq!(
+            bytes(&off),
+            bytes(&TlsIdentity {
+                name: Some(b"b.test"),
+                ..off
+            })
+        );
+        assert_eq!(off.effective_name(), None);
+        // the port is not part of the name
+        let base = tls(Some(b"a.test"));
+        assert_eq!(bytes(&base), bytes(&tls(Some(b"a.test:8443"))));
+        // an empty certificate presents none, whatever the key
+        assert_eq!(
+            bytes(&base),
+            bytes(&TlsIdentity {
+                certificate: Some((b"\0", b"k\0")),
+                ..base
+            })
+        );
+        assert_eq!(
+            bytes(&base),
+            bytes(&TlsIdentity {
+                certificate: Some((b"", b"")),
+                ..base
+            })
+        );
+    }
+
+    #[test]
+    fn too_long_is_refused() {
+        let long = [b'a'; MAX_TLS_IDENTITY];
+        let id = tls(Some(&long));
+        let mut out = [0u8; MAX_TLS_IDENTITY];
+        assert_eq!(
+            id.encode(&mut out),
+            Err(TooLong {
+                len: HEADER + 2 + MAX_TLS_IDENTITY
+            })
+        );
+        let fits = &long[..MAX_TLS_IDENTITY - HEADER - 2];
+        assert_eq!(tls(Some(fits)).encode(&mut out), Ok(MAX_TLS_IDENTITY));
+        let huge = vec![b'a'; 70_000];
+        let mut big = vec![0u8; 80_000];
+        assert!(tls(Some(&huge)).encode(&mut big).is_err());
+    }
+
+    fn address(sockaddr: &[u8], id: &TlsIdentity) -> Vec<u8> {
+        let mut out = [0u8; MAX_ADDR_LEN];
+        let len = tls_address(sockaddr, id, &mut out).unwrap();
+        out[..len].to_vec()
+    }
+
+    const SIN: &[u8] = &[2, 0, 0x1f, 0x90, 127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+    const SIN6: &[u8] = &[
+        10, 0, 0x1f, 0x90, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0,
+    ];
+
+    #[test]
+    fn tls_addresses_are_distinct_from_plain_and_each_other() {
+        let id = tls(Some(b"a.test"));
+        let a = address(SIN, &id);
+        // a plain socket address starts with its family, never the mark
+        assert_ne!(&a[..2], &SIN[..2]);
+        assert_ne!(&a[..2], &SIN6[..2]);
+        assert_eq!(tls_part(&a), bytes(&id));
+        assert_eq!(tls_part(SIN), b"");
+        assert_eq!(tls_part(SIN6), b"");
+        // the socket address length is in the header: where the socket
+        // address ends and the identity begins is never in doubt
+        let short = address(&SIN[..15], &id);
+        assert_eq!(&short[..4], &[0xff, 0xff, 15, 0]);
+        assert_eq!(&a[..4], &[0xff, 0xff, 16, 0]);
+        assert_eq!(tls_part(&short), bytes(&id));
+        assert_ne!(address(SIN, &id), address(SIN6, &id));
+        assert_ne!(address(SIN, &id), address(SIN, &tls(Some(b"b.test"))));
+        assert_eq!(address(SIN, &id), address(SIN, &tls(Some(b"a.test:443"))));
+    }
+
+    #[test]
+    fn tls_address_uses_the_room_the_socket_address_leaves() {
+        let room = MAX_ADDR_LEN - 4 - SIN.len() - HEADER - 2;
+        let name = vec![b'n'; room];
+        let mut out = [0u8; MAX_ADDR_LEN];
+        assert_eq!(
+            tls_address(SIN, &tls(Some(&name)), &mut out),
+            Ok(MAX_ADDR_LEN)
+        );
+        let name = vec![b'n'; room + 1];
+        assert!(tls_address(SIN, &tls(Some(&name)), &mut out).is_err());
+        // the longest socket address still leaves MAX_TLS_IDENTITY bytes
+        let sun = [1u8; 128];
+        let name = vec![b'n'; MAX_TLS_IDENTITY - HEADER - 2];
+        assert!(tls_address(&sun, &tls(Some(&name)), &mut out).is_ok());
+        assert!(tls_address(&[0u8; MAX_ADDR_LEN], &tls(None), &mut out).is_err());
+    }
+
+    #[test]
+    fn session_stamps_hold_every_part() {
+        let stamp = |nonce, tag, id: &[u8]| {
+            let mut out = [0u8; MAX_SESSION_STAMP];
+            let len = session_stamp(nonce, tag, id, &mut out).unwrap();
+            out[..len].to_vec()
+        };
+        let id = bytes(&tls(Some(b"a.test")));
+        let other = bytes(&tls(Some(b"b.test")));
+        assert_eq!(stamp(1, 2, &id), stamp(1, 2, &id));
+        assert_ne!(stamp(1, 2, &id), stamp(3, 2, &id));
+        assert_ne!(stamp(1, 2, &id), stamp(1, 3, &id));
+        assert_ne!(stamp(1, 2, &id), stamp(1, 2, &other));
+        let longest = [0u8; MAX_ADDR_LEN];
+        assert!(session_stamp(1, 2, &longest, &mut [0u8; MAX_SESSION_STAMP]).is_some());
+        assert!(session_stamp(1, 2, &longest, &mut [0u8; MAX_SESSION_STAMP - 1]).is_none());
+    }
+
+    #[test]
+    fn describes_what_it_encodes() {
+        assert_eq!(Describe(b"").to_string(), "tls off");
+        let id = TlsIdentity {
+            certificate: Some((b"t\"a.crt\0", b"ta.key\0")),
+            ..tls(Some(b"a.test:443"))
+        };
+        assert_eq!(
+            Describe(&bytes(&id)).to_string(),
+            "tls ctx 0x1000 verify on server_name on name \"a.test\" \
+             certificate \"t\\x22a.crt\" key \"ta.key\""
+        );
+        let off = TlsIdentity {
+            verify: false,
+            server_name: false,
+            ..tls(Some(b"a"))
+        };
+        assert_eq!(
+            Describe(&bytes(&off)).to_string(),
+            "tls ctx 0x1000 verify off server_name off"
+        );
+        assert_eq!(Describe(b"\x01").to_string(), "tls (malformed)");
+    }
+}

@@ -1,0 +1,351 @@
+//! Reads what a request's upstream connection is bound to (see
+//! `identity`) from nginx: the protocol handler, and for TLS the same
+//! values nginx itself uses when it opens the connection
+//! (`ngx_http_upstream_ssl_init_connection()`).
+
+use core::ffi::CStr;
+use core::fmt;
+
+use ngx::ffi::{
+    ngx_cycle, ngx_http_request_t, ngx_http_upstream_t, ngx_peer_connection_t, ngx_str_t,
+};
+#[cfg(ngx_feature = "http_ssl")]
+use ngx::ffi::{ngx_http_complex_value, ngx_http_complex_value_t, ngx_pnalloc};
+
+use crate::identity::{tls_part, Describe, Escaped};
+#[cfg(ngx_feature = "http_ssl")]
+use crate::identity::{tls_address, TlsIdentity, MAX_ADDR_LEN};
+#[cfg(ngx_feature = "http_ssl")]
+use crate::conf::NGX_OK;
+
+/// The protocol a request speaks to its upstream: its `create_request`,
+/// which each upstream module sets to its own (proxy over HTTP/1.x, proxy
+/// over HTTP/2, gRPC, FastCGI, uwsgi, SCGI, memcached) before the
+/// balancer's init peer runs. One word, stable for the cycle.
+///
+/// # Safety
+/// `u` must be the live upstream of a request.
+pub unsafe fn protocol(u: *const ngx_http_upstream_t) -> usize {
+    // SAFETY: see above.
+    unsafe { (*u).create_request.map_or(0, |f| f as usize) }
+}
+
+/// The address a request's connection is kept under: its server's socket
+/// address, and for TLS its TLS identity too (`identity::tls_address`).
+pub enum TlsKey {
+    /// A plain connection: the socket address alone.
+    Plain,
+    /// A TLS connection: its address is built into `buf` (from the request
+    /// pool, `MAX_ADDR_LEN` bytes) by [`TlsKey::evaluate`] for each try.
+    Tls { buf: *mut u8, state: TlsState },
+}
+
+pub enum TlsState {
+    /// `len` bytes of the buffer; `name` is the name nginx sends or checks
+    /// (`None` when it uses none).
+    Ready { len: usize, name: Option<ngx_str_t> },
+    /// Not evaluated yet, or evaluating failed: neither taken nor kept.
+    Failed,
+    /// Longer than a bucket holds: neither taken nor kept.
+    TooLong(usize),
+}
+
+impl TlsKey {
+    /// The key of request `r`: `Plain` unless its upstream is TLS; for TLS,
+    /// the buffer its identity is built in, once per request (nothing is
+    /// allocated for plain upstreams).
+    ///
+    /// # Safety
+    /// `r` and `u` must be live, `u` the request's upstream.
+    pub unsafe fn new(r: *mut ngx_http_request_t, u: *const ngx_http_upstream_t) -> Self {
+        #[cfg(ngx_feature = "http_ssl")]
+        // SAFETY: see above.
+        unsafe {
+            if (*u).ssl() != 0 {
+                let buf = ngx_pnalloc((*r).pool, MAX_ADDR_LEN) as *mut u8;
+                return TlsKey::Tls {
+                    buf,
+                    state: TlsState::Failed,
+                };
+            }
+        }
+        let _ = (r, u);
+        TlsKey::Plain
+    }
+
+    /// The address the connection in `pc` is kept under, `None` when it
+    /// cannot be (the TLS identity failed or does not fit).
+    ///
+    /// # Safety
+    /// `pc` must hold the balancer's choice for this try.
+    #[inline]
+    pub unsafe fn address(&self, pc: *const ngx_peer_connection_t) -> Option<&[u8]> {
+        match self {
+            // SAFETY: see above.
+            TlsKey::Plain => Some(unsafe { sockaddr(pc) }),
+            TlsKey::Tls {
+                buf,
+                state: TlsState::Ready { len, .. },
+            } => {
+                // SAFETY: `len` bytes of the request-pool buffer were
+                // written by evaluate(); the pool outlives the request's
+                // peer callbacks.
+                Some(unsafe { core::slice::from_raw_parts(*buf, *len) })
+            }
+            TlsKey::Tls { .. } => None,
+        }
+    }
+
+    /// The TLS identity of the current try (empty for a plain connection
+    /// or one without a usable identity), for the debug log.
+    pub fn identity(&self) -> &[u8] {
+        self.identity_checked().unwrap_or_default()
+    }
+
+    /// The TLS identity of the current try, `None` when there is none to
+    /// use (plain, not evaluated, failed, too long).
+    pub fn identity_checked(&self) -> Option<&[u8]> {
+        match self {
+            TlsKey::Tls {
+                buf,
+                state: TlsState::Ready { len, .. },
+            } => {
+                // SAFETY: as in address().
+                Some(tls_part(unsafe { core::slice::from_raw_parts(*buf, *len) }))
+            }
+            _ => None,
+        }
+    }
+
+    /// The name nginx sends or verifies for this identity.
+    pub fn name(&self) -> Option<&[u8]> {
+        match self {
+            TlsKey::Tls {
+                state: TlsState::Ready { name: Some(name), .. },
+                ..
+            } => Some(name.as_bytes()),
+            _ => None,
+        }
+    }
+
+    /// The address the connection of this try is kept under (the
+    /// balancer has chosen the server in `pc`): for TLS, the identity is
+    /// built first, from the values nginx will use if it opens a new one.
+    /// `None` when the connection cannot be kept or taken.
+    ///
+    /// # Safety
+    /// `r` and `u` must be live, `u` the request's upstream and `pc` its
+    /// peer; the address lives as long as the request's pool and `pc`'s
+    /// choice.
+    #[inline]
+    pub unsafe fn evaluate<'a>(
+        &mut self,
+        r: *mut ngx_http_request_t,
+        u: *mut ngx_http_upstream_t,
+        pc: *const ngx_peer_connection_t,
+    ) -> Option<&'a [u8]> {
+        match self {
+            // SAFETY: see above.
+            TlsKey::Plain => Some(unsafe { sockaddr(pc) }),
+            TlsKey::Tls { buf, state } => {
+                // SAFETY: see above.
+                unsafe { evaluate_tls(*buf, state, r, u, pc) };
+                match state {
+                    TlsState::Ready { len, .. } => {
+                        // SAFETY: `len` bytes of the request-pool buffer
+                        // were just written.
+                        Some(unsafe { core::slice::from_raw_parts(*buf, *len) })
+                    }
+                    _ => None,
+                }
+            }
+        }
+    }
+}
+
+/// The socket address the balancer chose.
+///
+/// # Safety
+/// `pc` must hold the balancer's choice, which outlives `'a`.
+#[inline]
+unsafe fn sockaddr<'a>(pc: *const ngx_peer_connection_t) -> &'a [u8] {
+    // SAFETY: see above.
+    unsafe { core::slice::from_raw_parts((*pc).sockaddr as *const u8, (*pc).socklen as usize) }
+}
+
+/// [`TlsKey::evaluate`] for TLS: `state` becomes what was built in `buf`.
+///
+/// # Safety
+/// As for [`TlsKey::evaluate`]; `buf` is null or `MAX_ADDR_LEN` bytes.
+#[inline(never)]
+unsafe fn evaluate_tls(
+    buf: *mut u8,
+    state: &mut TlsState,
+    r: *mut ngx_http_request_t,
+    u: *mut ngx_http_upstream_t,
+    pc: *const ngx_peer_connection_t,
+) {
+    *state = TlsState::Failed;
+    #[cfg(ngx_feature = "http_ssl")]
+    // SAFETY: see above.
+    unsafe {
+        if buf.is_null() {
+            return;
+        }
+        let out = core::slice::from_raw_parts_mut(buf, MAX_ADDR_LEN);
+        let Some(values) = Values::read(r, u) else {
+            return;
+        };
+        let id = values.identity();
+        *state = match tls_address(sockaddr(pc), &id, out) {
+            Ok(len) => TlsState::Ready {
+                len,
+                name: id.effective_name().map(|n| ngx_str_t {
+                    len: n.len(),
+                    data: n.as_ptr().cast_mut(),
+                }),
+            },
+            Err(too_long) => TlsState::TooLong(too_long.len),
+        };
+    }
+    #[cfg(not(ngx_feature = "http_ssl"))]
+    let _ = (buf, r, u, pc);
+}
+
+/// The values of `ngx_http_upstream_ssl_init_connection()`, evaluated.
+#[cfg(ngx_feature = "http_ssl")]
+struct Values {
+    context: usize,
+    verify: bool,
+    server_name: bool,
+    name: Option<ngx_str_t>,
+    certificate: Option<(ngx_str_t, ngx_str_t)>,
+}
+
+#[cfg(ngx_feature = "http_ssl")]
+impl Values {
+    /// `None` if a value cannot be evaluated (nginx would then fail the
+    /// connection itself).
+    ///
+    /// # Safety
+    /// `r` and `u` must be live, `u` the request's upstream.
+    unsafe fn read(r: *mut ngx_http_request_t, u: *mut ngx_http_upstream_t) -> Option<Self> {
+        // SAFETY: u->conf is the location's upstream configuration; its
+        // complex values are evaluated as nginx does.
+        unsafe {
+            let conf = &*(*u).conf;
+            let verify = conf.ssl_verify != 0;
+            let server_name = conf.ssl_server_name != 0;
+
+            // ngx_http_upstream_ssl_name(): called when either is on
+            let name = if verify || server_name {
+                if conf.ssl_name.is_null() {
+                    Some((*u).ssl_name)
+                } else {
+                    Some(evaluate(r, conf.ssl_name)?)
+                }
+            } else {
+                None
+            };
+
+            // ngx_http_upstream_ssl_certificate(): a variable certificate;
+            // a static one is part of the SSL context
+            let cert = conf.ssl_certificate;
+            let key = conf.ssl_certificate_key;
+            let certificate = if !cert.is_null()
+                && (*cert).value.len != 0
+                && (!(*cert).lengths.is_null() || (!key.is_null() && !(*key).lengths.is_null()))
+            {
+                let cert = evaluate(r, cert)?;
+                // nginx evaluates the key only for a non-empty certificate
+                let key = match cert.as_bytes().first() {
+                    Some(&b) if b != 0 && !key.is_null() => evaluate(r, key)?,
+                    _ => ngx_str_t::empty(),
+                };
+                Some((cert, key))
+            } else {
+                None
+            };
+
+            Some(Values {
+                context: conf.ssl as usize,
+                verify,
+                server_name,
+                name,
+                certificate,
+            })
+        }
+    }
+
+    fn identity(&self) -> TlsIdentity<'_> {
+        TlsIdentity {
+            context: self.context,
+            verify: self.verify,
+            server_name: self.server_name,
+            name: self.name.as_ref().map(|n| n.as_bytes()),
+            certificate: self
+                .certificate
+                .as_ref()
+                .map(|(c, k)| (c.as_bytes(), k.as_bytes())),
+        }
+    }
+}
+
+/// # Safety
+/// `r` must be live and `cv` a complex value of its configuration.
+#[cfg(ngx_feature = "http_ssl")]
+unsafe fn evaluate(r: *mut ngx_http_request_t, cv: *mut ngx_http_complex_value_t) -> Option<ngx_str_t> {
+    let mut value = ngx_str_t::empty();
+    // SAFETY: see above; the value lives in the request pool.
+    (unsafe { ngx_http_complex_value(r, cv, &mut value) } == NGX_OK).then_some(value)
+}
+
+/// The module that speaks the request's protocol, for the debug log:
+/// nginx's upstream modules tag their output chain with themselves
+/// (`u->output.tag`); the tag is only read as a module if it is one of the
+/// cycle's.
+///
+/// # Safety
+/// `u` must be live.
+pub unsafe fn protocol_module(u: *const ngx_http_upstream_t) -> Option<&'static CStr> {
+    // SAFETY: the cycle's module list is NULL-terminated and lives as long
+    // as the cycle; a module's name is a static C string.
+    unsafe {
+        let tag = (*u).output.tag;
+        let modules = (*ngx_cycle).modules;
+        if tag.is_null() || modules.is_null() {
+            return None;
+        }
+        let mut m = modules;
+        while !(*m).is_null() {
+            if (*m).cast() == tag && !(**m).name.is_null() {
+                return Some(CStr::from_ptr((**m).name));
+            }
+            m = m.add(1);
+        }
+        None
+    }
+}
+
+/// A connection's identity for the debug log: protocol, TLS identity (SNI,
+/// verification, certificate) and slice key.
+pub struct Identity<'a> {
+    pub module: Option<&'static CStr>,
+    pub protocol: usize,
+    pub tls: &'a [u8],
+    pub slice: Option<&'a [u8]>,
+}
+
+impl fmt::Display for Identity<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.module {
+            Some(name) => write!(f, "{}", Escaped(name.to_bytes()))?,
+            None => write!(f, "protocol {:#x}", self.protocol)?,
+        }
+        write!(f, ", {}", Describe(self.tls))?;
+        if let Some(slice) = self.slice {
+            write!(f, ", key \"{}\"", Escaped(slice))?;
+        }
+        Ok(())
+    }
+}
