@@ -427,7 +427,9 @@ impl<C: Copy> IdleCache<C> {
             // As nginx: the least recently stored connection goes first; if
             // it was the last of `found`, that bucket went back to the pool.
             if self.free_slot == NIL {
-                self.evict_one(evicted);
+                if let Some(c) = self.remove(self.lru_tail as usize) {
+                    evicted(c);
+                }
             }
             match found {
                 b if b != NIL && self.buckets[b as usize].count > 0 => b,
@@ -577,21 +579,16 @@ impl<C: Copy> IdleCache<C> {
         self.addrs[i * MAX_ADDR_LEN..i * MAX_ADDR_LEN + key.addr.len()].copy_from_slice(key.addr);
         self.slices[i * self.keylen..i * self.keylen + slice.len()].copy_from_slice(slice);
 
+        // A free bucket holds no connection and is in no list (`unchain`,
+        // `unlink`): only the key and the request count are new.
         let chain = self.chain(hash);
-        self.buckets[i] = Bucket {
-            hash,
-            tag: key.tag,
-            chain_next: self.table[chain],
-            head: NIL,
-            tail: NIL,
-            count: 0,
-            prev: NIL,
-            next: NIL,
-            slice_len: slice.len() as u16,
-            addr_len: key.addr.len() as u8,
-            list: NO_LIST,
-            hits: 0,
-        };
+        let bucket = &mut self.buckets[i];
+        bucket.hash = hash;
+        bucket.tag = key.tag;
+        bucket.chain_next = self.table[chain];
+        bucket.slice_len = slice.len() as u16;
+        bucket.addr_len = key.addr.len() as u8;
+        bucket.hits = 0;
         self.table[chain] = b;
         self.buckets_in_use += 1;
         b
@@ -712,7 +709,8 @@ impl<C: Copy> IdleCache<C> {
         self.free_bucket = b;
     }
 
-    /// Takes `b` out of its hash chain: its key owns it no more.
+    /// Takes `b`, which holds no connection any more, out of its hash
+    /// chain: its key owns it no more.
     #[inline(always)]
     fn unchain(&mut self, b: u32) {
         let chain = self.chain(self.buckets[b as usize].hash);
@@ -726,8 +724,6 @@ impl<C: Copy> IdleCache<C> {
             }
             self.buckets[p as usize].chain_next = next;
         }
-        self.buckets[b as usize].head = NIL;
-        self.buckets[b as usize].tail = NIL;
         self.buckets_in_use -= 1;
     }
 
