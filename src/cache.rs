@@ -683,13 +683,11 @@ impl<C: Copy> IdleCache<C> {
     #[inline(never)]
     fn reclaim(&mut self, b: u32, evicted: &mut impl FnMut(C)) -> usize {
         let mut closed = 0;
-        while self.buckets[b as usize].head != NIL {
-            let slot = self.buckets[b as usize].head as usize;
-            // (not `closed`: the bucket leaves its list anyway)
-            if let Some(c) = self.unlink_slot(slot, false) {
-                evicted(c);
-                closed += 1;
-            }
+        // Head first, until the head is NIL (no slot). Not `closed`: the
+        // bucket leaves its list anyway.
+        while let Some(c) = self.unlink_slot(self.buckets[b as usize].head as usize, false) {
+            evicted(c);
+            closed += 1;
         }
         if self.buckets[b as usize].list != PROTECTED {
             if let Some((i, print)) = self.ghost_of(self.buckets[b as usize].hash) {
