@@ -107,13 +107,17 @@ http {
 }
 EOF
 
+# Fronts: started afresh for each run (an empty cache, as after a restart),
+# so that what a run leaves in the cache (idle connections of random Hosts,
+# held for keepalive_timeout) cannot change the next one.
+
 for my $f (@FRONTS) {
 	$f->{port} = $port{ $f->{name} };
-	start_nginx("front-$f->{name}", $f->{port}, <<"EOF");
+	$f->{conf} = <<"EOF";
 $f->{load}
 $USER
 worker_processes 1;
-error_log $tmp/front-$f->{name}/logs/error.log warn;
+error_log logs/error.log warn;
 
 events {
     worker_connections 65536;
@@ -184,10 +188,6 @@ EOF
 printf "make bench-flood: wrk -t2 -c8 -d%ds over %d busy Hosts through objs/nginx"
 	. " (1 worker) to an objs/nginx backend, %d round(s)\n", $DURATION, scalar @BUSY, $ROUNDS;
 
-# Warm-up: each front once, untimed.
-for my $f (@FRONTS) {
-	run_traffic($f, $TRAFFIC[0], 1);
-}
 
 my %runs;
 for my $round (1 .. $ROUNDS) {
@@ -212,6 +212,7 @@ my $md = "# make bench-flood, $date\n\n"
 	. " trickle of $TRICKLE requests with random Hosts (one every ${TRICKLE_EVERY} s), or"
 	. " one more connection sending random Hosts at full speed. Busy-Host upstream"
 	. " connections are counted at the backend (first request of each connection)."
+	. " Each run on a new front, after 1 s of busy Hosts alone."
 	. " $ROUNDS round(s), medians. nginx renews an upstream connection after"
 	. " `keepalive_requests` (1000) requests: about one per 1000 requests at best.\n\n"
 	. "| front | traffic | busy req/s | busy requests | busy-Host upstream connections"
@@ -232,7 +233,7 @@ for my $f (@FRONTS) {
 }
 
 my @problems = grep { /\[(?:error|crit|alert|emerg)\]/ }
-	map { split /^/, slurp("$tmp/front-$_->{name}/logs/error.log") } @FRONTS;
+	map { split /^/, slurp($_) } glob "$tmp/front-*/logs/error.log";
 $md .= sprintf "\nThe fronts logged %d errors, e.g.:\n\n```\n%s```\n",
 	scalar @problems, join '', @problems[0 .. ($#problems < 2 ? $#problems : 2)]
 	if @problems;
@@ -246,8 +247,12 @@ print "\nwritten: $RESULTS/flood-$stamp.md, $RESULTS/flood-latest.md\n";
 
 ###############################################################################
 
-# One run of $traffic through front $f for $duration seconds.
+# One run of $traffic through a new front $f for $duration seconds, after
+# a second of busy Hosts alone (untimed: the Hosts in steady use exist
+# before the random ones come).
 sub run_traffic ($f, $traffic, $duration) {
+	my $front = start_nginx("front-$f->{name}-" . ++$f->{started}, $f->{port}, $f->{conf});
+	wrk_busy($f->{port}, 1);
 	my %seen = busy_lines();
 	my (@pids, $flood_out);
 
@@ -265,6 +270,7 @@ sub run_traffic ($f, $traffic, $duration) {
 		waitpid $pid, 0;
 		untrack($pid);
 	}
+	stop($front);
 
 	my %r;
 	$r{rps}      = $out =~ /^Requests\/sec:\s*([\d.]+)/m ? $1 : 0;
