@@ -457,16 +457,22 @@ impl<C: Copy> IdleCache<C> {
         }
 
         let b = s.bucket as usize;
-        match s.bucket_prev {
-            NIL => self.buckets[b].head = s.bucket_next,
-            p => self.slots[p as usize].bucket_next = s.bucket_next,
+        let bucket = &mut self.buckets[b];
+        if s.bucket_prev == NIL {
+            bucket.head = s.bucket_next;
         }
-        match s.bucket_next {
-            NIL => self.buckets[b].tail = s.bucket_prev,
-            n => self.slots[n as usize].bucket_prev = s.bucket_prev,
+        if s.bucket_next == NIL {
+            bucket.tail = s.bucket_prev;
         }
-        self.buckets[b].count -= 1;
-        if self.buckets[b].count == 0 {
+        bucket.count -= 1;
+        let emptied = bucket.count == 0;
+        if s.bucket_prev != NIL {
+            self.slots[s.bucket_prev as usize].bucket_next = s.bucket_next;
+        }
+        if s.bucket_next != NIL {
+            self.slots[s.bucket_next as usize].bucket_prev = s.bucket_prev;
+        }
+        if emptied {
             self.emptied(b as u32, closed);
         }
 
@@ -561,12 +567,9 @@ impl<C: Copy> IdleCache<C> {
         reclaimed: &mut Option<usize>,
     ) -> u32 {
         let b = match self.free_bucket {
-            NIL => match self.victim() {
+            NIL => match self.take_from_another_key(evicted, reclaimed) {
                 NIL => return NIL,
-                victim => {
-                    *reclaimed = Some(self.reclaim(victim, evicted));
-                    victim
-                }
+                victim => victim,
             },
             b => {
                 self.free_bucket = self.buckets[b as usize].chain_next;
@@ -592,6 +595,22 @@ impl<C: Copy> IdleCache<C> {
         self.table[chain] = b;
         self.buckets_in_use += 1;
         b
+    }
+
+    /// No bucket is free: the victim's, its idle connections closed, or
+    /// NIL.
+    #[cold]
+    #[inline(never)]
+    fn take_from_another_key(
+        &mut self,
+        evicted: &mut impl FnMut(C),
+        reclaimed: &mut Option<usize>,
+    ) -> u32 {
+        let victim = self.victim();
+        if victim != NIL {
+            *reclaimed = Some(self.reclaim(victim, evicted));
+        }
+        victim
     }
 
     /// The bucket a new key takes when none is free (see the module's
