@@ -10,7 +10,13 @@
 #                       1024, 65536 (benches/cache.rs, ~10 s once built)
 #   make bench-profile  callgrind instructions per request, ours vs stock
 #                       (bench/profile.pl, ~2 min)
-.PHONY: bench bench-micro bench-profile
+#   make bench-flood    busy Hosts beside a trickle and a flood of random Host
+#                       values (issue 15), ours sliced vs nginx's unsliced
+#                       cache: busy req/s and upstream connections; writes
+#                       bench/results/flood-<date>-<HHMM>.md, flood-latest.md
+#                       (~1 min 10 s; BENCH_FLOOD_DURATION, BENCH_FLOOD_ROUNDS
+#                       in bench/flood.pl)
+.PHONY: bench bench-micro bench-profile bench-flood
 
 bench: deps deps-bench build
 	perl bench/bench.pl
@@ -21,3 +27,6 @@ bench-micro:
 bench-profile: deps build
 	@sh .ci/packages valgrind
 	perl bench/profile.pl
+
+bench-flood: deps deps-bench build
+	perl bench/flood.pl

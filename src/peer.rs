@@ -198,16 +198,24 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
         kcf.original_init_peer = (*us).peer.init;
         (*us).peer.init = Some(init_peer);
 
-        // A bucket in use holds at least one connection, so more than
-        // `keepalive` + 1 buckets (the one more for a connection that
-        // needs a new bucket while the cache is full and evicts) are never
-        // in use at once: a larger slice_poolsize allocates no more.
-        let all_distinct = kcf.max_cached.saturating_add(1);
-        let (poolsize, keylen) = match &kcf.slice {
-            Some(slice) => (slice.poolsize.min(all_distinct), slice.keylen),
-            None => (all_distinct, 0),
+        // A bucket stays its key's while the key's connections are busy,
+        // so buckets may outnumber idle connections: every idle connection
+        // in a bucket of its own, as many keys again whose connections are
+        // all busy, and one for a new key. A larger slice_poolsize
+        // allocates no more.
+        let most_useful = kcf.max_cached.saturating_mul(2).saturating_add(1);
+        let (poolsize, keylen, cache) = match &kcf.slice {
+            Some(slice) => {
+                let poolsize = slice.poolsize.min(most_useful);
+                let cache = IdleCache::new(kcf.max_cached, poolsize, slice.keylen);
+                (poolsize, slice.keylen, cache)
+            }
+            None => (
+                kcf.max_cached.saturating_add(1),
+                0,
+                IdleCache::unsliced(kcf.max_cached),
+            ),
         };
-        let cache = IdleCache::new(kcf.max_cached, poolsize, keylen);
         let handles = boxed_slice(kcf.max_cached, |slot| SlotHandle {
             idle: ptr::null_mut(),
             slot,
@@ -563,7 +571,21 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
             return;
         };
 
-        let stored = match idle.cache.store(&key, c, limit) {
+        // Connections pushed out to make room: the least recently stored
+        // one when the cache is full, or those of the key whose bucket this
+        // key takes.
+        let stats = &idle.stats;
+        let evict = |evicted: *mut ngx_connection_t| {
+            ngx_log_debug_mask!(
+                DebugMask::Http,
+                log,
+                "keepalive slice: evicting connection {:p}",
+                evicted
+            );
+            stats.count(Counter::Evicted);
+            close_connection(evicted);
+        };
+        let stored = match idle.cache.store(&key, c, limit, evict) {
             Ok(stored) => stored,
             Err(refusal) => {
                 log_refusal(log, &refusal, key.slice);
@@ -572,15 +594,21 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
             }
         };
 
+        if let Some(closed) = stored.reclaimed {
+            ngx_log_debug_mask!(
+                DebugMask::Http,
+                log,
+                "keepalive slice: key \"{}\" took the bucket of another key, {} idle connections closed",
+                NgxStr::from_bytes(key.slice),
+                closed
+            );
+        }
+
         // The cache hands out slots of its own arena, which `handles`
         // mirrors; were that ever broken, the connection is not kept
         // (upstream closes it) rather than the worker stopping.
         let Some(handle) = idle.handles.get_mut(stored.slot).map(ptr::from_mut) else {
             idle.cache.remove(stored.slot);
-            if let Some(evicted) = stored.evicted {
-                idle.count(Counter::Evicted);
-                close_connection(evicted);
-            }
             idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
@@ -593,17 +621,6 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
             c,
             kp.identity()
         );
-
-        if let Some(evicted) = stored.evicted {
-            ngx_log_debug_mask!(
-                DebugMask::Http,
-                log,
-                "keepalive slice: evicting connection {:p}",
-                evicted
-            );
-            idle.count(Counter::Evicted);
-            close_connection(evicted);
-        }
 
         (*pc).connection = ptr::null_mut();
 
@@ -633,7 +650,7 @@ fn not_kept_because(refusal: &Refusal) -> NotKept {
     match refusal {
         Refusal::ZeroLimit => NotKept::LimitZero,
         Refusal::BucketFull { .. } => NotKept::BucketFull,
-        Refusal::PoolExhausted { .. } => NotKept::NoFreeBucket,
+        Refusal::NoBuckets => NotKept::NoFreeBucket,
         Refusal::Unusable => NotKept::Error,
     }
 }
@@ -698,8 +715,12 @@ fn log_refusal(log: *mut ngx_log_t, refusal: &Refusal, key: &[u8]) {
         Refusal::BucketFull { limit } => {
             ngx_log_error!(NGX_LOG_INFO, log, "keepalive: connection not kept, bucket for key \"{key}\" is full ({limit} idle connections)");
         }
-        Refusal::PoolExhausted { poolsize } => {
-            ngx_log_error!(NGX_LOG_INFO, log, "keepalive: connection not kept, no free bucket for key \"{key}\" (slice_poolsize={poolsize} in use)");
+        Refusal::NoBuckets => {
+            ngx_log_error!(
+                NGX_LOG_INFO,
+                log,
+                "keepalive: connection not kept, no bucket for key \"{key}\" (slice_poolsize=0)"
+            );
         }
         Refusal::Unusable => {
             ngx_log_error!(

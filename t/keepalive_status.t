@@ -189,7 +189,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
 print(json.dumps(out))
 EOF
 
-$t->plan(69);
+$t->plan(71);
 
 ###############################################################################
 
@@ -380,14 +380,16 @@ is($u->{not_kept}{error}, 4, 'error: the failed tries');
 is($u->{reused} + $u->{missed}, 8, 'error: two tries per request');
 is($u->{kept}, 4, 'error: the backup\'s connections kept');
 
-# slice_poolsize=1: a worker holding one host's bucket has none for the
-# other.  (A cache that reclaims buckets instead counts none, and logs
-# none.)
+# slice_poolsize=1: a worker holding one host's bucket gives it to the
+# other host, closing the idle connection in it: counted as evicted, never
+# as not kept (no_free_bucket is left for slice_poolsize=0).  Twenty
+# requests alternating over two workers: some worker sees both hosts.
 
-http_get_host((qw/ a.example b.example /)[$_ % 2], '/pool/x') for 0 .. 9;
-is(up('u_pool')->{not_kept}{no_free_bucket},
-	errlog_count($t, qr/no free bucket for key/),
-	'no_free_bucket: counted as logged');
+http_get_host((qw/ a.example b.example /)[$_ % 2], '/pool/x') for 0 .. 19;
+$u = up('u_pool');
+is($u->{not_kept}{no_free_bucket}, 0, 'pool of one: no connection refused');
+is($u->{kept}, 20, 'pool of one: every connection kept');
+ok($u->{evicted} > 0, "pool of one: the other host's connection evicted");
 
 ###############################################################################
 

@@ -1,9 +1,12 @@
 #!/usr/bin/perl
 
-# Tests for upstream keepalive: the pool of slice buckets (slice_poolsize),
-# buckets returning to the pool when their last idle connection leaves
-# (timeout, close by the backend, reuse, eviction), slice_poolsize=0, a
-# full cache with a full pool, and key truncation (slice_keylen).
+# Tests for upstream keepalive: the pool of slice buckets (slice_poolsize).
+# A bucket stays its key's while its connections are busy; a key that needs
+# a bucket when none is free takes the least valuable one (emptied by the
+# backend's close, timeout or eviction first, then the oldest key seen
+# once), closing its idle connections, never a bucket of a key in steady
+# use; slice_poolsize=0; a full cache with a full pool; key truncation
+# (slice_keylen).  Keys seen once at full speed: t/slice_flood.t.
 
 ###############################################################################
 
@@ -135,7 +138,7 @@ for my $p (@ports) {
 $t->run();
 $t->waitforsocket('127.0.0.1:' . port($_)) for @ports, 8087;
 
-$t->plan(54);
+$t->plan(58);
 
 ###############################################################################
 
@@ -145,10 +148,11 @@ sub conn {
 
 my ($n, @c);
 
-sub no_bucket {
+# A key took the bucket of another key, closing $n idle connections of it
+# (a debug line).
+sub took {
 	my ($key, $n) = @_;
-	$n //= 2;
-	return qr/\[info\].*keepalive: connection not kept, no free bucket for key "\Q$key\E" \(slice_poolsize=$n in use\)/;
+	return qr/keepalive slice: key "\Q$key\E" took the bucket of another key, $n idle connections closed/;
 }
 
 # The backend's connection number for u_bclose; a response without it
@@ -162,25 +166,15 @@ sub bconn {
 
 ###############################################################################
 
-# a bucket goes back to the pool when the backend closes its idle
-# connection: poolsize 1, a holds the only bucket, b's connections are
-# not kept; once the backend (keepalive_timeout 1s) closed a's idle
-# connection, b's connection is kept
+# a bucket whose idle connection the backend closed is the first a new key
+# takes, and nothing is closed for it: poolsize 1, a holds the only
+# bucket; once the backend (keepalive_timeout 1s) closed a's idle
+# connection, b takes a's bucket
 
 # (first in this file: nothing else has an idle connection on a timer yet,
 # so the close handler run counted below is a's)
 
 my $ca = bconn('a.example', 'a1');
-my ($cb1, $cb2);
-
-$n = errlog_delta($t, no_bucket('b.example', 1), sub {
-	$cb1 = bconn('b.example', 'b1');
-	$cb2 = bconn('b.example', 'b2');
-});
-ok($cb1 ne $ca && $cb2 ne $ca && $cb1 ne $cb2,
-	'backend close: b not kept while a holds the bucket');
-is($n, 2, 'backend close: no free bucket for b logged');
-
 my $closes = errlog_count($t, qr/keepalive slice close handler/);
 is(bconn('a.example', 'a2'), $ca, 'backend close: a reuses');
 
@@ -193,61 +187,66 @@ is(errlog_wait($t, qr/keepalive slice close handler/, $closes + 1),
 	$closes + 1, 'backend close: idle connection closed in the upstream');
 
 my @cb;
-$n = errlog_delta($t, no_bucket('b.example', 1), sub {
-	@cb = map { bconn('b.example', "b$_") } 3 .. 5;
+$n = errlog_delta($t, took('b.example', 0), sub {
+	@cb = map { bconn('b.example', "b$_") } 1 .. 3;
 });
-ok($cb[0] ne $ca && $cb[0] ne $cb1 && $cb[0] ne $cb2,
-	'backend close: b opens a new connection');
+ok($cb[0] ne $ca, 'backend close: b opens a new connection');
 is("@cb[1, 2]", "$cb[0] $cb[0]", 'backend close: b kept and reused');
-is($n, 0, 'backend close: no refusal for b');
+is($n, 1, 'backend close: b took a\'s empty bucket, closing nothing');
 
-# now b holds the only bucket
+# now b holds the only bucket: a, back, takes it, closing b's connection
 
 my ($ca2, $ca3);
-$n = errlog_delta($t, no_bucket('a.example', 1), sub {
+$n = errlog_delta($t, took('a.example', 1), sub {
 	$ca2 = bconn('a.example', 'a3');
 	$ca3 = bconn('a.example', 'a4');
 });
-ok($ca2 ne $ca && $ca2 ne $cb[0] && $ca3 ne $ca2,
-	'backend close: a not kept while b holds the bucket');
-is($n, 2, 'backend close: no free bucket for a logged');
+ok($ca2 ne $ca && $ca2 ne $cb[0], 'backend close: a opens a new connection');
+is($ca3, $ca2, 'backend close: a kept and reused');
+is($n, 1, 'backend close: a took b\'s bucket, one connection closed');
 
-# poolsize 2: a third key finds no bucket while two keys hold idle
-# connections; once those time out, its connections are kept again
+# poolsize 2: a third key takes the bucket of the oldest key seen once,
+# whose idle connection is closed; the pool holds two keys at once
 
 is(conn('a.example', '/pool/x'), 1, 'pool: a opens');
 is(conn('b.example', '/pool/x'), 2, 'pool: b opens');
 
-$n = errlog_delta($t, no_bucket('c.example'), sub {
+$n = errlog_delta($t, took('c.example', 1), sub {
 	@c = map { conn('c.example', '/pool/x') } 1 .. 2;
 });
-is("@c", '3 4', 'pool: c not reused while the pool is full');
-is($n, 2, 'pool: no free bucket logged');
-is(backend_log_wait("$d/b8081.log", qr/^close conn=[34] /, 2), 2,
-	'pool: c connections closed');
+is("@c", '3 3', 'pool: c kept and reused while the pool is full');
+is($n, 1, 'pool: c took a bucket');
+is(backend_log_wait("$d/b8081.log", qr/^close conn=1 /, 1), 1,
+	'pool: a\'s connection closed');
+is(backend_log_count("$d/b8081.log", qr/^close conn=[23] /), 0,
+	'pool: b\'s and c\'s connections open');
 
-is(conn('a.example', '/pool/x'), 1, 'pool: a still reuses');
 is(conn('b.example', '/pool/x'), 2, 'pool: b still reuses');
+is(conn('c.example', '/pool/x'), 3, 'pool: c still reuses');
 
-# keepalive_timeout 1s: a's and b's idle connections go away
+# keepalive_timeout 1s: b's and c's idle connections go away; their
+# buckets, empty, are taken first, closing nothing
 
-is(backend_log_wait("$d/b8081.log", qr/^close conn=[12] reason=eof$/, 2, 6),
-	2, 'pool: idle a and b timed out');
+is(backend_log_wait("$d/b8081.log", qr/^close conn=[23] reason=eof$/, 2, 6),
+	2, 'pool: idle b and c timed out');
 
-$n = errlog_delta($t, no_bucket('c.example'), sub {
-	@c = map { conn('c.example', '/pool/x') } 1 .. 3;
+$n = errlog_delta($t, took('d.example', 0), sub {
+	@c = map { conn('d.example', '/pool/x') } 1 .. 3;
 });
-is("@c", '5 5 5', 'pool: c kept and reused after the timeout');
-is($n, 0, 'pool: no refusal after the timeout');
+is("@c", '4 4 4', 'pool: d kept and reused after the timeout');
+is($n, 1, 'pool: d took an emptied bucket');
 
-# a bucket is released when its only connection is taken for reuse: while
-# a's connection is busy, c may take a's bucket
+# a bucket stays its key's while its only connection is busy; a key in
+# steady use (a, found in its bucket twice more) keeps its bucket when a
+# new key needs one: c takes the bucket of b (seen once), and a's
+# connection, coming back, finds a's bucket
 
 is(conn('a.example', '/take/x'), 1, 'take: a opens');
 is(conn('b.example', '/take/x'), 2, 'take: b opens');
+is(conn('a.example', '/take/x'), 1, 'take: a reuses');
 
 my ($ra, $rc);
-$n = errlog_delta($t, no_bucket('a.example'), sub {
+$n = errlog_delta($t, took('c.example', 1), sub {
 	my $sa = http_get_host('a.example', '/take/sleep/800', start => 1);
 	select undef, undef, undef, 0.2;
 	$rc = http_get_host('c.example', '/take/sleep/50');
@@ -256,12 +255,13 @@ $n = errlog_delta($t, no_bucket('a.example'), sub {
 
 is(conn_of($ra), 1, 'take: a reused its connection');
 is(conn_of($rc), 3, 'take: c opened one meanwhile');
-is($n, 1, 'take: a found no bucket when done');
-is(conn('c.example', '/take/x'), 3, 'take: c was kept in a\'s bucket');
-is(backend_log_wait("$d/b8082.log", qr/^close conn=1 /, 1), 1,
-	'take: a\'s connection closed');
+is($n, 1, 'take: c took a bucket');
+is(backend_log_wait("$d/b8082.log", qr/^close conn=2 /, 1), 1,
+	'take: b\'s connection closed');
+is(conn('a.example', '/take/x'), 1, 'take: a\'s connection back in a\'s bucket');
+is(conn('c.example', '/take/x'), 3, 'take: c kept');
 
-# a bucket is released when its last connection is evicted
+# a bucket whose last connection is evicted is the first taken
 
 is(conn('a.example', '/evict/x'), 1, 'evict: a opens');
 is(conn('b.example', '/evict/x'), 2, 'evict: b opens');
@@ -274,11 +274,11 @@ is("@b", '2 3', 'evict: b twice in parallel');
 is(backend_log_wait("$d/b8083.log", qr/^close conn=1 /, 1), 1,
 	'evict: a evicted');
 
-$n = errlog_delta($t, no_bucket('c.example'), sub {
+$n = errlog_delta($t, took('c.example', 0), sub {
 	@c = map { conn('c.example', '/evict/x') } 1 .. 2;
 });
 is("@c", '4 4', 'evict: c kept in the bucket a left');
-is($n, 0, 'evict: no refusal');
+is($n, 1, 'evict: c took a\'s empty bucket, closing nothing');
 
 # slice_keylen=4: keys equal in the first 4 bytes share a bucket
 
@@ -295,10 +295,13 @@ is(conn('abcd1.example', '/len/x'), 1, 'keylen: abcd1 again');
 my @h = map { conn(sprintf('h%02d.example', $_), '/def/x') } 1 .. 20;
 is("@h", join(' ', 1 .. 20), 'default poolsize: 20 hosts');
 
-$n = errlog_delta($t, no_bucket('h21.example', 20), sub {
+$n = errlog_delta($t, took('h21.example', 1), sub {
 	@h = map { conn('h21.example', '/def/x') } 1 .. 2;
 });
-is("@h  $n", '21 22  2', 'default poolsize: 21st key finds no bucket');
+is("@h  $n", '21 21  1', 'default poolsize: 21st key takes the oldest bucket');
+is(backend_log_wait("$d/b8085.log", qr/^close conn=1 /, 1), 1,
+	'default poolsize: h01\'s connection closed');
+is(conn('h02.example', '/def/x'), 2, 'default poolsize: h02 still reuses');
 
 my $k = 'k' x 39;
 @h = map { conn($_, '/def40/x') }
@@ -308,34 +311,35 @@ is("@h", '1 1 2', 'default keylen: 40 bytes compared');
 # slice_poolsize=0 is accepted and keeps nothing
 
 my @z;
-$n = errlog_delta($t, no_bucket('a.example', 0), sub {
-	@z = map { conn('a.example', '/zero/x') } 1 .. 3;
-});
+$n = errlog_delta($t,
+	qr/\[info\].*keepalive: connection not kept, no bucket for key "a\.example" \(slice_poolsize=0\)/,
+	sub { @z = map { conn('a.example', '/zero/x') } 1 .. 3; });
 is("@z", '1 2 3', 'poolsize 0: never reused');
-is($n, 3, 'poolsize 0: no free bucket logged');
+is($n, 3, 'poolsize 0: no bucket logged');
 is(backend_log_wait("$d/b8088.log", qr/^close conn=[123] reason=eof$/, 3), 3,
 	'poolsize 0: connections closed');
 
-# cache full (keepalive 2) and pool full (2 buckets) at once: a connection
-# for a third key is not kept, and nothing is evicted for it
+# cache full (keepalive 2) and pool full (2 buckets) at once: a third key
+# takes the bucket of the oldest key seen once; closing its connection
+# makes room in the cache, and nothing else is evicted
 
 is(conn('a.example', '/full/x'), 1, 'full: a opens');
 is(conn('b.example', '/full/x'), 2, 'full: b opens');
 
 my $evicted;
-$n = errlog_delta($t, no_bucket('c.example'), sub {
+$n = errlog_delta($t, took('c.example', 1), sub {
 	$evicted = errlog_delta($t, qr/keepalive slice: evicting connection/,
 		sub { @c = map { conn('c.example', '/full/x') } 1 .. 2; });
 });
-is("@c", '3 4', 'full: c not kept');
-is($n, 2, 'full: no free bucket logged');
-is($evicted, 0, 'full: nothing evicted');
-is(backend_log_wait("$d/b8089.log", qr/^close conn=[34] /, 2), 2,
-	'full: c connections closed');
+is("@c", '3 3', 'full: c kept and reused');
+is($n, 1, 'full: c took a bucket');
+is($evicted, 1, 'full: one connection closed');
+is(backend_log_wait("$d/b8089.log", qr/^close conn=1 /, 1), 1,
+	'full: a\'s connection closed');
 
-is(conn('a.example', '/full/x'), 1, 'full: a still reuses');
 is(conn('b.example', '/full/x'), 2, 'full: b still reuses');
-is(backend_log_count("$d/b8089.log", qr/^close conn=[12] /), 0,
-	'full: a and b connections open');
+is(conn('c.example', '/full/x'), 3, 'full: c still reuses');
+is(backend_log_count("$d/b8089.log", qr/^close conn=[23] /), 0,
+	'full: b and c connections open');
 
 ###############################################################################
