@@ -23,7 +23,7 @@ use ngx::ffi::{ngx_event_save_peer_session_pt, ngx_event_set_peer_session_pt, ng
 use ngx::{ngx_log_debug_mask, ngx_log_error};
 
 use crate::args::parse_number;
-use crate::cache::{boxed_slice, BucketKey, IdleCache, Refusal};
+use crate::cache::{boxed_slice, BucketKey, BucketRef, IdleCache, Refusal};
 use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, NGX_ERROR, NGX_OK};
 use crate::stats::{Closed, Counter, NotKept, UpstreamStats};
 use crate::variables;
@@ -82,6 +82,9 @@ struct PeerData {
     /// current try.
     tag: usize,
     tls: TlsKey,
+    /// The bucket of this try's key, found in get peer: free peer stores
+    /// into it without looking the key up again (if it still holds it).
+    bucket: Option<BucketRef>,
 
     original_get_peer: ngx_event_get_peer_pt,
     original_free_peer: ngx_event_free_peer_pt,
@@ -327,6 +330,7 @@ unsafe extern "C" fn init_peer(
                 protocol(u)
             },
             tls: TlsKey::new(r, u),
+            bucket: None,
             original_get_peer: (*pc).get,
             original_free_peer: (*pc).free,
             original_notify: (*pc).notify,
@@ -358,6 +362,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     unsafe {
         let kp = &mut *(data as *mut PeerData);
         ngx_log_debug_mask!(DebugMask::Http, (*pc).log, "get keepalive slice peer");
+        kp.bucket = None;
 
         let Some(get) = kp.original_get_peer else {
             return NGX_ERROR;
@@ -369,12 +374,13 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
 
         // Per try: a TLS name may depend on the server chosen.
         let addr = kp.tls.evaluate(kp.request, kp.upstream, pc);
-        let kp = &*kp;
         let idle = &mut *(*kp.conf).idle;
-        let taken = match addr.and_then(|addr| kp.bucket_key(addr)) {
-            Some(key) => idle.cache.take(&key),
+        kp.bucket = match addr.and_then(|addr| kp.bucket_key(addr)) {
+            Some(key) => idle.cache.find(&key),
             None => None,
         };
+        let kp = &*kp;
+        let taken = kp.bucket.and_then(|b| idle.cache.take_from(b));
         idle.stats.count(match taken {
             Some(_) => Counter::Reused,
             None => Counter::Missed,
@@ -585,7 +591,7 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
             stats.count(Counter::Evicted);
             close_connection(evicted);
         };
-        let stored = match idle.cache.store(&key, c, limit, evict) {
+        let stored = match idle.cache.store_at(kp.bucket, &key, c, limit, evict) {
             Ok(stored) => stored,
             Err(refusal) => {
                 log_refusal(log, &refusal, key.slice);
