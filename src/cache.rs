@@ -518,7 +518,7 @@ impl<C: Copy> IdleCache<C> {
     /// Unlinks the connection in `slot` from the LRU list and its bucket,
     /// and frees the slot; `closed` unless taken for a request (or leaving
     /// with its bucket). `None` if there is no such connection.
-    #[inline]
+    #[inline(always)]
     fn unlink_slot(&mut self, slot: usize, closed: bool) -> Option<C> {
         let s = *self.slots.get(slot)?;
         let conn = s.conn?;
@@ -579,7 +579,7 @@ impl<C: Copy> IdleCache<C> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn hash(&self, key: &BucketKey) -> u64 {
         // Eight bytes at a time (FxHash's step), both lengths mixed in
         // first so that address and key cannot run into each other. No
@@ -596,19 +596,23 @@ impl<C: Copy> IdleCache<C> {
         h.0 ^ (h.0 >> 32)
     }
 
+    #[inline(always)]
     fn cut<'k>(&self, slice: &'k [u8]) -> &'k [u8] {
         &slice[..slice.len().min(self.keylen)]
     }
 
+    #[inline(always)]
     fn chain(&self, hash: u64) -> usize {
         (hash as usize) & (self.table.len() - 1)
     }
 
+    #[inline(always)]
     fn addr_of(&self, b: usize) -> &[u8] {
         let start = b * MAX_ADDR_LEN;
         &self.addrs[start..start + self.buckets[b].addr_len as usize]
     }
 
+    #[inline(always)]
     fn slice_of(&self, b: usize) -> &[u8] {
         let start = b * self.keylen;
         &self.slices[start..start + self.buckets[b].slice_len as usize]
@@ -626,7 +630,7 @@ impl<C: Copy> IdleCache<C> {
             && same(self.slice_of(b as usize), self.cut(key.slice))
     }
 
-    #[inline]
+    #[inline(always)]
     fn find_bucket(&self, key: &BucketKey, hash: u64) -> u32 {
         let slice = self.cut(key.slice);
         let mut b = self.table[self.chain(hash)];
@@ -838,11 +842,13 @@ impl<C: Copy> IdleCache<C> {
         }
     }
 
+    #[inline(always)]
     fn move_to_front(&mut self, b: u32, list: u8) {
         self.unlink(b);
         self.push_front(b, list);
     }
 
+    #[inline(always)]
     fn push_front(&mut self, b: u32, list: u8) {
         let ends = &mut self.lists[list as usize];
         let old = ends.head;
@@ -860,6 +866,7 @@ impl<C: Copy> IdleCache<C> {
         bucket.list = list;
     }
 
+    #[inline(always)]
     fn unlink(&mut self, b: u32) {
         let Bucket {
             prev, next, list, ..
@@ -1104,8 +1111,14 @@ mod tests {
         // Both buckets spare, none free: A's is the oldest.
         put(&mut cache, &key(&c, b""), 3, usize::MAX).unwrap();
         assert_eq!(cache.buckets_in_use(), 1);
-        assert_eq!(cache.find_bucket(&key(A, b""), cache.hash(&key(A, b""))), NIL);
-        assert_ne!(cache.find_bucket(&key(B, b""), cache.hash(&key(B, b""))), NIL);
+        assert_eq!(
+            cache.find_bucket(&key(A, b""), cache.hash(&key(A, b""))),
+            NIL
+        );
+        assert_ne!(
+            cache.find_bucket(&key(B, b""), cache.hash(&key(B, b""))),
+            NIL
+        );
         assert_eq!(cache.take(&key(&c, b"")), Some(3));
         // B's spare bucket is B's again.
         put(&mut cache, &key(B, b""), 4, usize::MAX).unwrap();
