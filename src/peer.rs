@@ -12,7 +12,7 @@ use core::ptr;
 use ngx::core::NgxStr;
 use ngx::ffi::{
     ngx_close_connection, ngx_conf_t, ngx_connection_t, ngx_current_msec, ngx_cycle, ngx_del_timer,
-    ngx_destroy_pool, ngx_event_free_peer_pt, ngx_event_get_peer_pt, ngx_event_notify_peer_pt,
+    ngx_destroy_pool, ngx_event_free_peer_pt, ngx_pnalloc, ngx_event_get_peer_pt, ngx_event_notify_peer_pt,
     ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value,
     ngx_http_get_flushed_variable, ngx_http_request_t, ngx_http_upstream_srv_conf_t,
     ngx_http_upstream_t, ngx_int_t, ngx_log_t, ngx_palloc, ngx_peer_connection_t, ngx_socket_errno,
@@ -24,7 +24,7 @@ use ngx::{ngx_log_debug_mask, ngx_log_error};
 
 use crate::args::parse_number;
 use crate::cache::{boxed_slice, BucketKey, BucketRef, IdleCache, Refusal};
-use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, NGX_ERROR, NGX_OK};
+use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
 use crate::stats::{Closed, Counter, NotKept, UpstreamStats};
 use crate::variables;
 use crate::identity::MAX_ADDR_LEN;
@@ -294,7 +294,7 @@ unsafe extern "C" fn init_peer(
         let slice_key = match &(*kcf).slice {
             Some(slice) => {
                 let mut key = ngx_str_t::empty();
-                if ngx_http_complex_value(r, slice.key, &mut key) == NGX_OK {
+                if evaluate_key(r, slice, &mut key) {
                     ngx_log_debug_mask!(
                         DebugMask::Http,
                         log,
@@ -353,6 +353,35 @@ unsafe extern "C" fn init_peer(
         }
     }
     NGX_OK
+}
+
+/// Evaluates the request's `slice_key` into `key` (from the request pool).
+/// A key of one variable alone is that variable's value, copied, as
+/// nginx's script would make it (flushed if not cacheable; empty if not
+/// found); any other runs the complex value.
+///
+/// # Safety
+/// `r` must be live, `slice` its upstream's.
+#[inline]
+unsafe fn evaluate_key(r: *mut ngx_http_request_t, slice: &SliceConf, key: &mut ngx_str_t) -> bool {
+    // SAFETY: see above.
+    unsafe {
+        let Some(index) = slice.key_var else {
+            return ngx_http_complex_value(r, slice.key, key) == NGX_OK;
+        };
+        let vv = ngx_http_get_flushed_variable(r, index);
+        if vv.is_null() || (*vv).not_found() != 0 || (*vv).len() == 0 {
+            return true;
+        }
+        let len = (*vv).len() as usize;
+        let data = ngx_pnalloc((*r).pool, len) as *mut u8;
+        if data.is_null() {
+            return false;
+        }
+        ptr::copy_nonoverlapping((*vv).data, data, len);
+        *key = ngx_str_t { len, data };
+        true
+    }
 }
 
 /// `get peer`: the balancer chooses, then an idle connection to exactly
