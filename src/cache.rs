@@ -612,6 +612,16 @@ impl<C: Copy> IdleCache<C> {
         &self.addrs[start..start + self.buckets[b].addr_len as usize]
     }
 
+    /// Whether bucket `b`'s slice key is `slice` (already cut); an
+    /// unsliced key, empty, is compared by its length alone.
+    #[inline(always)]
+    fn same_slice(&self, b: usize, slice: &[u8]) -> bool {
+        if slice.is_empty() {
+            return self.buckets[b].slice_len == 0;
+        }
+        same(self.slice_of(b), slice)
+    }
+
     #[inline(always)]
     fn slice_of(&self, b: usize) -> &[u8] {
         let start = b * self.keylen;
@@ -627,7 +637,7 @@ impl<C: Copy> IdleCache<C> {
         bucket.tag == key.tag
             && bucket.addr_len as usize == key.addr.len()
             && same(self.addr_of(b as usize), key.addr)
-            && same(self.slice_of(b as usize), self.cut(key.slice))
+            && self.same_slice(b as usize, self.cut(key.slice))
     }
 
     #[inline(always)]
@@ -639,7 +649,7 @@ impl<C: Copy> IdleCache<C> {
             if bucket.hash == hash
                 && bucket.tag == key.tag
                 && same(self.addr_of(b as usize), key.addr)
-                && same(self.slice_of(b as usize), slice)
+                && self.same_slice(b as usize, slice)
             {
                 return b;
             }
@@ -936,13 +946,11 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    // The common lengths without a loop: no key, and a sockaddr_in.
-    match a.len() {
-        0 => return true,
-        16 => {
-            return word(&a[..8]) == word(&b[..8]) && word(&a[8..16]) == word(&b[8..16]);
+    // The common length without a loop: a sockaddr_in.
+    if a.len() == 16 {
+        if let (Some(a), Some(b)) = (a.first_chunk::<16>(), b.first_chunk::<16>()) {
+            return u128::from_ne_bytes(*a) == u128::from_ne_bytes(*b);
         }
-        _ => {}
     }
     let (mut x, mut y) = (a.chunks_exact(8), b.chunks_exact(8));
     for (p, q) in (&mut x).zip(&mut y) {
