@@ -59,6 +59,8 @@ pub const MAX_TLS_IDENTITY: usize = 256;
 /// connection a 4-byte header, the socket address and its TLS identity.
 pub const MAX_ADDR_LEN: usize = 4 + MAX_SOCKADDR_LEN + MAX_TLS_IDENTITY;
 
+use core::num::NonZeroU32;
+
 const NIL: u32 = u32::MAX;
 
 /// The address length of a bucket that no key owns: longer than any.
@@ -139,7 +141,18 @@ struct IdleSlot<C> {
 /// or taken by another key): it is used only if it still holds that key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BucketRef {
-    bucket: u32,
+    /// The bucket's index + 1 (an `Option<BucketRef>` takes four bytes).
+    index_1: NonZeroU32,
+}
+
+impl BucketRef {
+    fn new(b: u32) -> Option<Self> {
+        NonZeroU32::new(b.wrapping_add(1)).map(|index_1| BucketRef { index_1 })
+    }
+
+    fn bucket(self) -> u32 {
+        self.index_1.get() - 1
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -333,14 +346,14 @@ impl<C: Copy> IdleCache<C> {
     pub fn find(&self, key: &BucketKey) -> Option<BucketRef> {
         match self.find_bucket(key, self.hash(key)) {
             NIL => None,
-            b => Some(BucketRef { bucket: b }),
+            b => BucketRef::new(b),
         }
     }
 
     /// [`IdleCache::take`] from the bucket just found for the key.
     #[inline]
     pub fn take_from(&mut self, found: BucketRef) -> Option<C> {
-        let b = found.bucket;
+        let b = found.bucket();
         let bucket = self.buckets.get_mut(b as usize)?;
         if self.sliced {
             bucket.hits = (bucket.hits + 1).min(MAX_HITS);
@@ -385,8 +398,9 @@ impl<C: Copy> IdleCache<C> {
         }
 
         let owned = known.and_then(|r| {
-            let bucket = self.buckets.get(r.bucket as usize)?;
-            self.holds(r.bucket, key).then_some((r.bucket, bucket.hash))
+            let b = r.bucket();
+            let bucket = self.buckets.get(b as usize)?;
+            self.holds(b, key).then_some((b, bucket.hash))
         });
         let (found, hash) = match owned {
             Some(found) => found,

@@ -75,7 +75,10 @@ struct PeerData {
     request: *mut ngx_http_request_t,
     /// The wrapped balancer's own data.
     data: *mut c_void,
-    slice_key: SliceKey,
+    /// The evaluated key, empty unless `slice_state` is `Key` (two fields
+    /// rather than an enum: eight bytes fewer of the request pool).
+    slice_key: ngx_str_t,
+    slice_state: SliceState,
     /// What the connection is bound to beyond its socket address: the
     /// bucket tag (the protocol handler, or with `local` the location,
     /// whose handler fixes the protocol), and for TLS the identity of the
@@ -96,9 +99,10 @@ struct PeerData {
 }
 
 /// The request's `slice_key`, evaluated once in init peer.
-enum SliceKey {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SliceState {
     Unsliced,
-    Key(ngx_str_t),
+    Key,
     /// Evaluation failed: the request neither takes nor leaves an idle
     /// connection, and is otherwise unaffected.
     Failed,
@@ -108,10 +112,10 @@ impl PeerData {
     /// The bucket of this request's connection to `addr` (see
     /// `TlsKey::evaluate`).
     fn bucket_key<'a>(&'a self, addr: &'a [u8]) -> Option<BucketKey<'a>> {
-        let slice = match &self.slice_key {
-            SliceKey::Unsliced => &[][..],
-            SliceKey::Key(key) => key.as_bytes(),
-            SliceKey::Failed => return None,
+        let slice = match self.slice_state {
+            SliceState::Unsliced => &[][..],
+            SliceState::Key => self.slice_key.as_bytes(),
+            SliceState::Failed => return None,
         };
         Some(BucketKey {
             addr,
@@ -142,10 +146,7 @@ impl PeerData {
             // SAFETY: as above.
             protocol: unsafe { protocol(self.upstream) },
             tls: self.tls.identity(),
-            slice: match &self.slice_key {
-                SliceKey::Key(key) => Some(key.as_bytes()),
-                _ => None,
-            },
+            slice: (self.slice_state == SliceState::Key).then(|| self.slice_key.as_bytes()),
         }
     }
 
@@ -154,10 +155,10 @@ impl PeerData {
     fn logged_key(&self) -> ngx_str_t {
         // SAFETY: conf is the upstream's configuration, live for the cycle.
         let slice = unsafe { &(*self.conf).slice };
-        match (&self.slice_key, slice) {
-            (SliceKey::Key(key), Some(slice)) => ngx_str_t {
-                len: key.len.min(slice.keylen),
-                data: key.data,
+        match (self.slice_state, slice) {
+            (SliceState::Key, Some(slice)) => ngx_str_t {
+                len: self.slice_key.len.min(slice.keylen),
+                data: self.slice_key.data,
             },
             _ => ngx_str_t::empty(),
         }
@@ -291,27 +292,29 @@ unsafe extern "C" fn init_peer(
             return NGX_ERROR;
         }
 
-        let slice_key = match &(*kcf).slice {
+        let mut slice_key = ngx_str_t::empty();
+        let slice_state = match &(*kcf).slice {
             Some(slice) => {
-                let mut key = ngx_str_t::empty();
-                if evaluate_key(r, slice, &mut key) {
+                let key = &mut slice_key;
+                if evaluate_key(r, slice, key) {
                     ngx_log_debug_mask!(
                         DebugMask::Http,
                         log,
                         "keepalive slice key: \"{}\"",
                         NgxStr::from_bytes(key.as_bytes())
                     );
-                    SliceKey::Key(key)
+                    SliceState::Key
                 } else {
                     ngx_log_error!(
                         NGX_LOG_WARN,
                         log,
                         "keepalive: cannot evaluate \"slice_key\", idle connections not used"
                     );
-                    SliceKey::Failed
+                    *key = ngx_str_t::empty();
+                    SliceState::Failed
                 }
             }
-            None => SliceKey::Unsliced,
+            None => SliceState::Unsliced,
         };
 
         let u = (*r).upstream;
@@ -322,6 +325,7 @@ unsafe extern "C" fn init_peer(
             request: r,
             data: (*pc).data,
             slice_key,
+            slice_state,
             // A location has one protocol handler: with `local`, the
             // location's upstream conf separates protocols too.
             tag: if (*kcf).local {
