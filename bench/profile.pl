@@ -197,9 +197,9 @@ my $date = strftime('%Y-%m-%d', localtime);
 my $how = $WRK ? "wrk -c$WRK for 10 s after 10 s of warm-up"
 	: "$REQUESTS sequential requests after warm-up";
 my $md = "Instructions per request (callgrind, $how; objs/nginx --with-debug, error_log warn; $date). init/get/free"
-	. " are inclusive: they contain the balancer's own callbacks.\n\n"
-	. " The ratio and the total's difference are against nginx's own module in the"
-	. " same configuration (unsliced, one server, for the sliced and `local` rows).\n\n"
+	. " are inclusive: they contain the balancer's own callbacks. The ratio and the total's"
+	. " difference are against nginx's own module in the same configuration (unsliced, one"
+	. " server, for the sliced and `local` rows).\n\n"
 	. "| configuration | front total | vs stock | init peer | get peer | free peer | hot path | ratio to stock |\n"
 	. "|---|---:|---:|---:|---:|---:|---:|---:|\n";
 my %by_name = map { $_->{name} => $_ } @CONFIGS;
