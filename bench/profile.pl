@@ -54,8 +54,8 @@ my $tmp = scratch_dir('nginx-keepalive-slice-profile', 'PROFILE_KEEP');
 ($NGINX, $SO) = copies_in($tmp, $NGINX, $SO);
 my $USER = $> == 0 ? 'user root;' : '';
 
-my @ports = free_ports(2 + $SERVERS);
-my ($front_port, $backend_port) = splice @ports, 0, 2;
+my @ports = free_ports(3 + $SERVERS);
+my ($front_port, $backend_port, $tls_port) = splice @ports, 0, 3;
 my @server_ports = @ports;
 
 my @HOSTS16 = map { sprintf 'h%02d.bench', $_ } 1 .. 16;
@@ -71,15 +71,23 @@ my %OURS_HOT = (
 	free => 'ngx_http_upstream_keepalive_slice_module::peer::free_peer',
 );
 
+# `base`: the configuration of nginx's own module each is compared with
+# (the ratio of hot paths and the difference of totals).
 my @CONFIGS = (
 	{ name => 'stock `keepalive 64`', kind => 'stock', ka => 'keepalive 64;', hosts => 1 },
 	{ name => 'ours `keepalive 64`', kind => 'ours', ka => 'keepalive 64;', hosts => 1 },
+	{ name => 'ours `keepalive 64 local`', kind => 'ours', ka => 'keepalive 64 local;', hosts => 1 },
 	{ name => 'ours sliced `slice_key=$host slice_conn=8`, 16 hosts', kind => 'ours',
 		ka => 'keepalive 64 slice_key=$host slice_conn=8;', hosts => 16 },
+	{ name => 'stock TLS upstream `keepalive 64`', kind => 'stock', ka => 'keepalive 64;',
+		hosts => 1, tls => 1 },
+	{ name => 'ours TLS upstream `keepalive 64`', kind => 'ours', ka => 'keepalive 64;',
+		hosts => 1, tls => 1, base => 'stock TLS upstream `keepalive 64`' },
 	{ name => "stock, $SERVERS servers `random` `keepalive 4096`", kind => 'stock',
 		ka => 'keepalive 4096;', many => 1, hosts => 1 },
 	{ name => "ours, $SERVERS servers `random` `keepalive 4096`", kind => 'ours',
-		ka => 'keepalive 4096;', many => 1, hosts => 1 },
+		ka => 'keepalive 4096;', many => 1, hosts => 1,
+		base => "stock, $SERVERS servers `random` `keepalive 4096`" },
 	# The cost of $upstream_keepalive_*: the same access log line with and
 	# without them (the difference is recording the tries and printing).
 	{ name => 'ours sliced, access log', kind => 'ours', log => 'plain',
@@ -97,6 +105,13 @@ my %LOG_FORMAT = (
 ###############################################################################
 
 my $listen = join '', map { "        listen 127.0.0.1:$_;\n" } $backend_port, @server_ports;
+# The TLS backend's certificate, made for this run.
+system('openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=localhost'
+	. " -keyout $tmp/cert.key -out $tmp/cert.pem >/dev/null 2>&1") == 0
+	or die "openssl req failed\n";
+$listen .= "        listen 127.0.0.1:$tls_port ssl;\n"
+	. "        ssl_certificate $tmp/cert.pem;\n"
+	. "        ssl_certificate_key $tmp/cert.key;\n";
 my $backend = start_nginx('backend', $backend_port, [], <<"EOF");
 $USER
 worker_processes 1;
@@ -118,7 +133,8 @@ for my $c (@CONFIGS) {
 	$i++;
 	my $members = $c->{many}
 		? "        random;\n" . join('', map { "        server 127.0.0.1:$_;\n" } @server_ports)
-		: "        server 127.0.0.1:$backend_port;\n";
+		: "        server 127.0.0.1:" . ($c->{tls} ? $tls_port : $backend_port) . ";\n";
+	my $scheme = $c->{tls} ? 'https' : 'http';
 	my $load = $c->{kind} eq 'ours' ? "load_module $SO;" : '';
 	my $out = "$tmp/callgrind.out.$i";
 	my $log = $c->{log}
@@ -141,7 +157,7 @@ $members        $c->{ka}
     server {
         listen 127.0.0.1:$front_port;
         location / {
-            proxy_pass http://u;
+            proxy_pass $scheme://u;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }
@@ -169,6 +185,9 @@ EOF
 	my $hot = $c->{kind} eq 'ours' ? \%OURS_HOT : \%STOCK_HOT;
 	$c->{total} = ($cost{TOTAL} // 0) / $n;
 	$c->{$_} = ($cost{ $hot->{$_} } // 0) / $n for qw(init get free);
+	$c->{hot} = $c->{init} + $c->{get} + $c->{free};
+	# No cost at all: the callbacks were not found in the profile.
+	$c->{total} && $c->{hot} or die "no profile of the hot path for $c->{name}\n";
 }
 stop($backend);
 
@@ -178,13 +197,21 @@ my $date = strftime('%Y-%m-%d', localtime);
 my $how = $WRK ? "wrk -c$WRK for 10 s after 10 s of warm-up"
 	: "$REQUESTS sequential requests after warm-up";
 my $md = "Instructions per request (callgrind, $how; objs/nginx --with-debug, error_log warn; $date). init/get/free"
-	. " are inclusive: they contain the balancer's own callbacks.\n\n"
-	. "| configuration | front total | init peer | get peer | free peer | hot path |\n"
-	. "|---|---:|---:|---:|---:|---:|\n";
+	. " are inclusive: they contain the balancer's own callbacks. The ratio and the total's"
+	. " difference are against nginx's own module in the same configuration (unsliced, one"
+	. " server, for the sliced and `local` rows).\n\n"
+	. "| configuration | front total | vs stock | init peer | get peer | free peer | hot path | ratio to stock |\n"
+	. "|---|---:|---:|---:|---:|---:|---:|---:|\n";
+my %by_name = map { $_->{name} => $_ } @CONFIGS;
 for my $c (@CONFIGS) {
-	$md .= sprintf "| %s | %.0f | %.0f | %.0f | %.0f | %.0f |\n", $c->{name},
-		$c->{total}, $c->{init}, $c->{get}, $c->{free},
-		$c->{init} + $c->{get} + $c->{free};
+	my $base = $c->{kind} eq 'stock' ? $c : $by_name{ $c->{base} // 'stock `keepalive 64`' };
+	my ($vs, $ratio) = ('n/a', 'n/a');
+	if ($base) {
+		$vs = sprintf '%+.2f%%', 100 * ($c->{total} / $base->{total} - 1);
+		$ratio = sprintf '%.3fx', $c->{hot} / $base->{hot};
+	}
+	$md .= sprintf "| %s | %.0f | %s | %.0f | %.0f | %.0f | %.0f | %s |\n", $c->{name},
+		$c->{total}, $vs, $c->{init}, $c->{get}, $c->{free}, $c->{hot}, $ratio;
 }
 print "\n$md";
 my $results = "$FindBin::Bin/results";

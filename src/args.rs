@@ -160,6 +160,22 @@ fn printable(bytes: &[u8]) -> String {
 }
 
 /// Parses a non-negative decimal number as nginx's `ngx_atoi` does.
+/// The variable a `slice_key` consists of, `$name` or `${name}` and nothing
+/// else (as nginx's script compiler reads a name: letters, digits and `_`,
+/// not starting with a digit, which would be a regex capture): such a key
+/// is read as that variable, without running a script.
+pub fn single_variable(key: &[u8]) -> Option<&[u8]> {
+    let rest = key.strip_prefix(b"$")?;
+    let name = match rest.strip_prefix(b"{") {
+        Some(braced) => braced.strip_suffix(b"}")?,
+        None => rest,
+    };
+    let first = *name.first()?;
+    let valid =
+        !first.is_ascii_digit() && name.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'_');
+    valid.then_some(name)
+}
+
 pub fn parse_number(value: &[u8]) -> Option<usize> {
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
         return None;
@@ -296,6 +312,27 @@ mod tests {
     fn parse(line: &str) -> Result<KeepaliveArgs<'_>, String> {
         let args: Vec<&[u8]> = line.split_whitespace().map(str::as_bytes).collect();
         parse_keepalive(&args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_key_of_one_variable_is_read_as_that_variable() {
+        assert_eq!(single_variable(b"$host"), Some(&b"host"[..]));
+        assert_eq!(single_variable(b"${http_x_y}"), Some(&b"http_x_y"[..]));
+        assert_eq!(single_variable(b"$arg_a1"), Some(&b"arg_a1"[..]));
+        for key in [
+            &b"$host:x"[..],
+            b"x$host",
+            b"$host$uri",
+            b"$1",
+            b"$",
+            b"${}",
+            b"${host",
+            b"${host}x",
+            b"host",
+            b"$ho-st",
+        ] {
+            assert_eq!(single_variable(key), None, "{}", printable(key));
+        }
     }
 
     #[test]

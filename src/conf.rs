@@ -31,6 +31,9 @@ const DEFAULT_TIMEOUT: ngx_msec_t = 60_000;
 pub struct SliceConf {
     /// `slice_key`, evaluated once per request in init peer.
     pub key: *mut ngx_http_complex_value_t,
+    /// The index of the variable `slice_key` consists of, if it is one
+    /// variable alone (`$host`): read directly, as the script would.
+    pub key_var: Option<ngx_uint_t>,
     /// `slice_conn`: fixed idle connections per bucket.
     pub conn: Option<usize>,
     /// `slice_dyn`: index of the variable read at free time; wins over conn.

@@ -23,7 +23,7 @@ use ngx::ffi::{
 };
 use ngx::{ngx_conf_log_error, ngx_log_debug_mask, ngx_log_error, ngx_string};
 
-use crate::args::{parse_keepalive, ArgError};
+use crate::args::{parse_keepalive, single_variable, ArgError};
 use crate::conf::{
     free_with_cycle, srv_conf, KeepaliveConf, SliceConf, DEFAULT_CACHED, NGX_CONF_UNSET_UINT,
     NGX_ERROR, NGX_OK,
@@ -246,6 +246,13 @@ extern "C" fn keepalive_directive(
             Some(key) => key,
             None => return NGX_CONF_ERROR,
         };
+        let key_var = match single_variable(slice.key) {
+            Some(name) => match variable_index(cf, name) {
+                Some(found) => Some(found.0),
+                None => return NGX_CONF_ERROR,
+            },
+            None => None,
+        };
         let (dyn_index, dyn_name) = match slice.dyn_var {
             Some(name) => match variable_index(cf, name) {
                 Some(found) => (Some(found.0), found.1),
@@ -255,6 +262,7 @@ extern "C" fn keepalive_directive(
         };
         kcf.slice = Some(SliceConf {
             key,
+            key_var,
             conn: slice.conn,
             dyn_index,
             dyn_name,

@@ -12,7 +12,7 @@ use core::ptr;
 use ngx::core::NgxStr;
 use ngx::ffi::{
     ngx_close_connection, ngx_conf_t, ngx_connection_t, ngx_current_msec, ngx_cycle, ngx_del_timer,
-    ngx_destroy_pool, ngx_event_free_peer_pt, ngx_event_get_peer_pt, ngx_event_notify_peer_pt,
+    ngx_destroy_pool, ngx_event_free_peer_pt, ngx_pnalloc, ngx_event_get_peer_pt, ngx_event_notify_peer_pt,
     ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value,
     ngx_http_get_flushed_variable, ngx_http_request_t, ngx_http_upstream_srv_conf_t,
     ngx_http_upstream_t, ngx_int_t, ngx_log_t, ngx_palloc, ngx_peer_connection_t, ngx_socket_errno,
@@ -23,8 +23,8 @@ use ngx::ffi::{ngx_event_save_peer_session_pt, ngx_event_set_peer_session_pt, ng
 use ngx::{ngx_log_debug_mask, ngx_log_error};
 
 use crate::args::parse_number;
-use crate::cache::{boxed_slice, BucketKey, IdleCache, Refusal};
-use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, NGX_ERROR, NGX_OK};
+use crate::cache::{boxed_slice, BucketKey, BucketRef, IdleCache, Refusal};
+use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
 use crate::stats::{Closed, Counter, NotKept, UpstreamStats};
 use crate::variables;
 use crate::identity::MAX_ADDR_LEN;
@@ -75,13 +75,19 @@ struct PeerData {
     request: *mut ngx_http_request_t,
     /// The wrapped balancer's own data.
     data: *mut c_void,
-    slice_key: SliceKey,
+    /// The evaluated key, empty unless `slice_state` is `Key` (two fields
+    /// rather than an enum: eight bytes fewer of the request pool).
+    slice_key: ngx_str_t,
+    slice_state: SliceState,
     /// What the connection is bound to beyond its socket address: the
     /// bucket tag (the protocol handler, or with `local` the location,
     /// whose handler fixes the protocol), and for TLS the identity of the
     /// current try.
     tag: usize,
     tls: TlsKey,
+    /// The bucket of this try's key, found in get peer: free peer stores
+    /// into it without looking the key up again (if it still holds it).
+    bucket: Option<BucketRef>,
 
     original_get_peer: ngx_event_get_peer_pt,
     original_free_peer: ngx_event_free_peer_pt,
@@ -93,9 +99,10 @@ struct PeerData {
 }
 
 /// The request's `slice_key`, evaluated once in init peer.
-enum SliceKey {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SliceState {
     Unsliced,
-    Key(ngx_str_t),
+    Key,
     /// Evaluation failed: the request neither takes nor leaves an idle
     /// connection, and is otherwise unaffected.
     Failed,
@@ -105,10 +112,10 @@ impl PeerData {
     /// The bucket of this request's connection to `addr` (see
     /// `TlsKey::evaluate`).
     fn bucket_key<'a>(&'a self, addr: &'a [u8]) -> Option<BucketKey<'a>> {
-        let slice = match &self.slice_key {
-            SliceKey::Unsliced => &[][..],
-            SliceKey::Key(key) => key.as_bytes(),
-            SliceKey::Failed => return None,
+        let slice = match self.slice_state {
+            SliceState::Unsliced => &[][..],
+            SliceState::Key => self.slice_key.as_bytes(),
+            SliceState::Failed => return None,
         };
         Some(BucketKey {
             addr,
@@ -139,10 +146,7 @@ impl PeerData {
             // SAFETY: as above.
             protocol: unsafe { protocol(self.upstream) },
             tls: self.tls.identity(),
-            slice: match &self.slice_key {
-                SliceKey::Key(key) => Some(key.as_bytes()),
-                _ => None,
-            },
+            slice: (self.slice_state == SliceState::Key).then(|| self.slice_key.as_bytes()),
         }
     }
 
@@ -151,10 +155,10 @@ impl PeerData {
     fn logged_key(&self) -> ngx_str_t {
         // SAFETY: conf is the upstream's configuration, live for the cycle.
         let slice = unsafe { &(*self.conf).slice };
-        match (&self.slice_key, slice) {
-            (SliceKey::Key(key), Some(slice)) => ngx_str_t {
-                len: key.len.min(slice.keylen),
-                data: key.data,
+        match (self.slice_state, slice) {
+            (SliceState::Key, Some(slice)) => ngx_str_t {
+                len: self.slice_key.len.min(slice.keylen),
+                data: self.slice_key.data,
             },
             _ => ngx_str_t::empty(),
         }
@@ -299,27 +303,29 @@ unsafe extern "C" fn init_peer(
             return NGX_ERROR;
         }
 
-        let slice_key = match &(*kcf).slice {
+        let mut slice_key = ngx_str_t::empty();
+        let slice_state = match &(*kcf).slice {
             Some(slice) => {
-                let mut key = ngx_str_t::empty();
-                if ngx_http_complex_value(r, slice.key, &mut key) == NGX_OK {
+                let key = &mut slice_key;
+                if evaluate_key(r, slice, key) {
                     ngx_log_debug_mask!(
                         DebugMask::Http,
                         log,
                         "keepalive slice key: \"{}\"",
                         NgxStr::from_bytes(key.as_bytes())
                     );
-                    SliceKey::Key(key)
+                    SliceState::Key
                 } else {
                     ngx_log_error!(
                         NGX_LOG_WARN,
                         log,
                         "keepalive: cannot evaluate \"slice_key\", idle connections not used"
                     );
-                    SliceKey::Failed
+                    *key = ngx_str_t::empty();
+                    SliceState::Failed
                 }
             }
-            None => SliceKey::Unsliced,
+            None => SliceState::Unsliced,
         };
 
         let u = (*r).upstream;
@@ -330,6 +336,7 @@ unsafe extern "C" fn init_peer(
             request: r,
             data: (*pc).data,
             slice_key,
+            slice_state,
             // A location has one protocol handler: with `local`, the
             // location's upstream conf separates protocols too.
             tag: if (*kcf).local {
@@ -338,6 +345,7 @@ unsafe extern "C" fn init_peer(
                 protocol(u)
             },
             tls: TlsKey::new(r, u),
+            bucket: None,
             original_get_peer: (*pc).get,
             original_free_peer: (*pc).free,
             original_notify: (*pc).notify,
@@ -362,6 +370,35 @@ unsafe extern "C" fn init_peer(
     NGX_OK
 }
 
+/// Evaluates the request's `slice_key` into `key` (from the request pool).
+/// A key of one variable alone is that variable's value, copied, as
+/// nginx's script would make it (flushed if not cacheable; empty if not
+/// found); any other runs the complex value.
+///
+/// # Safety
+/// `r` must be live, `slice` its upstream's.
+#[inline]
+unsafe fn evaluate_key(r: *mut ngx_http_request_t, slice: &SliceConf, key: &mut ngx_str_t) -> bool {
+    // SAFETY: see above.
+    unsafe {
+        let Some(index) = slice.key_var else {
+            return ngx_http_complex_value(r, slice.key, key) == NGX_OK;
+        };
+        let vv = ngx_http_get_flushed_variable(r, index);
+        if vv.is_null() || (*vv).not_found() != 0 || (*vv).len() == 0 {
+            return true;
+        }
+        let len = (*vv).len() as usize;
+        let data = ngx_pnalloc((*r).pool, len) as *mut u8;
+        if data.is_null() {
+            return false;
+        }
+        ptr::copy_nonoverlapping((*vv).data, data, len);
+        *key = ngx_str_t { len, data };
+        true
+    }
+}
+
 /// `get peer`: the balancer chooses, then an idle connection to exactly
 /// that choice is reused if there is one.
 unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
@@ -369,6 +406,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     unsafe {
         let kp = &mut *(data as *mut PeerData);
         ngx_log_debug_mask!(DebugMask::Http, (*pc).log, "get keepalive slice peer");
+        kp.bucket = None;
 
         let Some(get) = kp.original_get_peer else {
             return NGX_ERROR;
@@ -380,12 +418,13 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
 
         // Per try: a TLS name may depend on the server chosen.
         let addr = kp.tls.evaluate(kp.request, kp.upstream, pc);
-        let kp = &*kp;
         let idle = &mut *(*kp.conf).idle;
-        let taken = match addr.and_then(|addr| kp.bucket_key(addr)) {
-            Some(key) => idle.cache.take(&key),
+        kp.bucket = match addr.and_then(|addr| kp.bucket_key(addr)) {
+            Some(key) => idle.cache.find(&key),
             None => None,
         };
+        let kp = &*kp;
+        let taken = kp.bucket.and_then(|b| idle.cache.take_from(b));
         idle.stats.count(match taken {
             Some(_) => Counter::Reused,
             None => Counter::Missed,
@@ -596,7 +635,7 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
             stats.count(Counter::Evicted);
             close_connection(evicted);
         };
-        let stored = match idle.cache.store(&key, c, limit, evict) {
+        let stored = match idle.cache.store_at(kp.bucket, &key, c, limit, evict) {
             Ok(stored) => stored,
             Err(refusal) => {
                 log_refusal(log, &refusal, key.slice);
