@@ -654,12 +654,21 @@ mod tests {
 
     fn table(mem: &mut [WorkerCounters], g: Geometry) -> Table {
         let len = size_of_val(mem);
+        // SAFETY: `mem` is this test's own, outlives the table, and is
+        // `len` bytes long.
         unsafe { Table::format(mem.as_mut_ptr().cast(), len, g) }.unwrap()
     }
 
     fn reopen(mem: &mut [WorkerCounters]) -> Option<Table> {
         let len = size_of_val(mem);
+        // SAFETY: as in `table`.
         unsafe { Table::open(mem.as_mut_ptr().cast(), len) }
+    }
+
+    /// `find_or_add` from the test, the only process adding.
+    fn add(t: &Table, name: &[u8]) -> Option<usize> {
+        // SAFETY: a test is one process, and nothing else adds to `t`.
+        unsafe { t.find_or_add(name) }
     }
 
     fn all_counters() -> Vec<Counter> {
@@ -707,7 +716,7 @@ mod tests {
         };
         let mut mem = memory(g.table_bytes());
         let t = table(&mut mem, g);
-        let e = unsafe { t.find_or_add(b"u") }.unwrap();
+        let e = add(&t, b"u").unwrap();
         let entry = t.entry(e).unwrap();
 
         let mut w0 = UpstreamStats::new();
@@ -763,9 +772,9 @@ mod tests {
         let g = Geometry::for_names(&[b"a", b"b"], 2);
         let mut mem = memory(g.table_bytes());
         let t = table(&mut mem, g);
-        let a = unsafe { t.find_or_add(b"alpha") }.unwrap();
-        let b = unsafe { t.find_or_add(b"beta") }.unwrap();
-        assert_eq!(unsafe { t.find_or_add(b"alpha") }, Some(a));
+        let a = add(&t, b"alpha").unwrap();
+        let b = add(&t, b"beta").unwrap();
+        assert_eq!(add(&t, b"alpha"), Some(a));
         assert_ne!(a, b);
         t.entry(b).unwrap().slot(1).add(KEPT, 5);
 
@@ -787,10 +796,10 @@ mod tests {
         };
         let mut mem = memory(g.table_bytes());
         let t = table(&mut mem, g);
-        assert!(unsafe { t.find_or_add(b"abcdefghi") }.is_none(), "arena");
-        assert!(unsafe { t.find_or_add(b"one") }.is_some());
-        assert!(unsafe { t.find_or_add(b"two") }.is_some());
-        assert!(unsafe { t.find_or_add(b"six") }.is_none(), "capacity");
+        assert!(add(&t, b"abcdefghi").is_none(), "arena");
+        assert!(add(&t, b"one").is_some());
+        assert!(add(&t, b"two").is_some());
+        assert!(add(&t, b"six").is_none(), "capacity");
         assert_eq!(t.len(), 2);
     }
 
@@ -800,10 +809,12 @@ mod tests {
         let mut mem = memory(g.table_bytes());
         assert!(reopen(&mut mem).is_none(), "zeroes");
         let t = table(&mut mem, g);
-        unsafe { t.find_or_add(b"x") }.unwrap();
+        add(&t, b"x").unwrap();
         let len = size_of_val(mem.as_slice());
+        // SAFETY: fewer bytes than `mem` holds.
         assert!(unsafe { Table::open(mem.as_mut_ptr().cast(), len - 64) }.is_none());
         // a name pointing beyond the arena in use
+        // SAFETY: the first name record lies within `mem`.
         unsafe {
             let names = mem.as_mut_ptr().cast::<u8>().add(Geometry::names_offset());
             names.cast::<NameRef>().write(NameRef { offset: 1, len: 1 });
@@ -821,7 +832,7 @@ mod tests {
         let mut mem = memory(g.zone_bytes(PAGE));
         let t = table(&mut mem, g);
         for n in &refs {
-            unsafe { t.find_or_add(n) }.unwrap();
+            add(&t, n).unwrap();
         }
 
         // same names, some new ones, names repeated: the same zone
@@ -836,7 +847,7 @@ mod tests {
         // old and new names together overflow: another zone, even though
         // the new configuration alone would get the same shape
         for i in 0..22 {
-            unsafe { t.find_or_add(format!("old{i}").as_bytes()) }.unwrap();
+            add(&t, format!("old{i}").as_bytes()).unwrap();
         }
         let fresh: Vec<&[u8]> = vec![b"n1", b"n2", b"n3"];
         let next = plan(Some(&t), &fresh, 2, PAGE);

@@ -119,6 +119,9 @@ sub poll {
 	return $code->();
 }
 
+# nginx creates its pid file before it writes the number into it: a read
+# in between (seen on a loaded machine) finds no master and no workers.
+poll(sub { defined master_pid($t) }, 5);
 my $master = master_pid($t);
 my @first = workers($t);
 
