@@ -6,7 +6,8 @@
 //! and a chained hash table over the buckets. A bucket is the set of idle
 //! connections that one request may take: same server address, same slice
 //! key (when sliced), same location tag (with `local`). Every operation is
-//! O(1) expected; nothing scans the whole cache.
+//! O(1) expected (the spare list below: amortised); nothing scans the
+//! whole cache.
 //!
 //! Unsliced, as in nginx's own cache: `capacity` + 1 buckets (by server
 //! address and location tag), so a connection always finds a bucket, and
@@ -14,8 +15,11 @@
 //! idle connection leaves is *spare*: it stays in the table under its key,
 //! so the connection that comes back (a request takes it, then stores it)
 //! finds it again without hashing a key into a new bucket, and it is
-//! given to a new key, oldest first, only when no bucket is free. Spare
-//! buckets count as free (`buckets_in_use`).
+//! given to a new key, the one spare longest first, only when no bucket is
+//! free. Spare buckets count as free (`buckets_in_use`). A bucket that
+//! holds connections again stays in the spare list until a new key looks
+//! there, and the bucket found last is tried before hashing: a request to
+//! a lone server neither hashes nor moves a bucket between lists.
 //!
 //! Sliced, the key comes from the client (`$host`), so keys seen once must
 //! not push out keys in steady use. A bucket belongs to its key until the
@@ -138,18 +142,17 @@ struct IdleSlot<C> {
 /// A bucket found for a key: a request takes from it in get peer and
 /// stores into it in free peer without hashing and looking the key up
 /// again. The bucket may change keys in between (its connections closed,
-/// or taken by another key): it is used only if it still holds that key.
+/// or taken by another key): it is used only if it has not left that key
+/// since, which its generation tells without comparing the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BucketRef {
-    /// The bucket's index + 1 (an `Option<BucketRef>` takes four bytes).
+    /// The bucket's index + 1 (an `Option<BucketRef>` takes eight bytes).
     index_1: NonZeroU32,
+    /// The bucket's generation when it was found.
+    generation: u32,
 }
 
 impl BucketRef {
-    fn new(b: u32) -> Option<Self> {
-        NonZeroU32::new(b.wrapping_add(1)).map(|index_1| BucketRef { index_1 })
-    }
-
     fn bucket(self) -> u32 {
         self.index_1.get() - 1
     }
@@ -157,7 +160,7 @@ impl BucketRef {
 
 #[derive(Clone, Copy, Debug)]
 struct Bucket {
-    hash: u64,
+    hash: u32,
     tag: usize,
     /// Next bucket in the same hash chain, or in the free list.
     chain_next: u32,
@@ -168,6 +171,9 @@ struct Bucket {
     /// Neighbours in its list, towards the head and the tail.
     prev: u32,
     next: u32,
+    /// Counts the keys the bucket has left (`unchain`): a `BucketRef` of
+    /// the same generation still holds its key.
+    generation: u32,
     slice_len: u16,
     addr_len: u16,
     list: u8,
@@ -201,6 +207,9 @@ pub struct IdleCache<C> {
     buckets_in_use: usize,
     /// Buckets stay their keys' when emptied, managed in `lists`.
     sliced: bool,
+    /// Unsliced: the bucket found last, tried before the key is hashed (an
+    /// upstream of one server has one bucket per protocol and identity).
+    recent: u32,
     /// PROTECTED, PROBATION and EMPTY (sliced only), SPARE (unsliced only).
     lists: [Ends; 4],
     /// New keys take probation's buckets while it has this many.
@@ -252,6 +261,7 @@ impl<C: Copy> IdleCache<C> {
             count: 0,
             prev: NIL,
             next: NIL,
+            generation: 0,
             slice_len: 0,
             addr_len: NO_ADDR,
             list: NO_LIST,
@@ -280,6 +290,7 @@ impl<C: Copy> IdleCache<C> {
             len: 0,
             buckets_in_use: 0,
             sliced,
+            recent: NIL,
             lists: [no_list; 4],
             probation_min: (poolsize / 5).max(1) as u32,
             ghosts: boxed_slice(if sliced { table_len } else { 0 }, |_| 0)?,
@@ -343,11 +354,31 @@ impl<C: Copy> IdleCache<C> {
     /// The bucket `key` owns, if any, for [`IdleCache::take_from`] and
     /// [`IdleCache::store_at`].
     #[inline]
-    pub fn find(&self, key: &BucketKey) -> Option<BucketRef> {
-        match self.find_bucket(key, self.hash(key)) {
-            NIL => None,
-            b => BucketRef::new(b),
+    pub fn find(&mut self, key: &BucketKey) -> Option<BucketRef> {
+        if self.sliced {
+            return self.bucket_ref(self.find_bucket(key, self.hash(key)));
         }
+        // The bucket found last, if it still holds the key (a bucket that
+        // changed keys, or is free, does not).
+        let recent = self.recent;
+        if recent != NIL && self.holds(recent, key) {
+            return self.bucket_ref(recent);
+        }
+        let b = self.find_bucket(key, self.hash(key));
+        if b != NIL {
+            self.recent = b;
+        }
+        self.bucket_ref(b)
+    }
+
+    /// A reference to bucket `b` as it is now; `None` for NIL.
+    #[inline(always)]
+    fn bucket_ref(&self, b: u32) -> Option<BucketRef> {
+        let generation = self.buckets.get(b as usize)?.generation;
+        NonZeroU32::new(b.wrapping_add(1)).map(|index_1| BucketRef {
+            index_1,
+            generation,
+        })
     }
 
     /// [`IdleCache::take`] from the bucket just found for the key.
@@ -380,7 +411,9 @@ impl<C: Copy> IdleCache<C> {
     }
 
     /// [`IdleCache::store`], with the bucket `known` found earlier for the
-    /// same key: if the key still owns it, the key is not looked up again.
+    /// same key (by [`IdleCache::find`] with an equal key: it is not
+    /// compared again): if the key still owns it, the key is not looked up
+    /// again.
     #[inline]
     pub fn store_at(
         &mut self,
@@ -400,7 +433,8 @@ impl<C: Copy> IdleCache<C> {
         let owned = known.and_then(|r| {
             let b = r.bucket();
             let bucket = self.buckets.get(b as usize)?;
-            self.holds(b, key).then_some((b, bucket.hash))
+            debug_assert!(bucket.generation != r.generation || self.holds(b, key));
+            (bucket.generation == r.generation).then_some((b, bucket.hash))
         });
         let (found, hash) = match owned {
             Some(found) => found,
@@ -446,9 +480,10 @@ impl<C: Copy> IdleCache<C> {
         bucket.count += 1;
         let list = bucket.list;
         if old_head == NIL && !self.sliced {
-            // Unsliced, a bucket in use is one holding connections: a
-            // spare one leaves its list (a new one is in none).
-            self.unlink(b);
+            // Unsliced, a bucket in use is one holding connections. A spare
+            // one stays in the spare list, which `acquire_bucket` skips it
+            // in: a connection that leaves and comes back (every request
+            // to a lone server) moves no bucket between lists.
             self.buckets_in_use += 1;
         }
 
@@ -497,7 +532,7 @@ impl<C: Copy> IdleCache<C> {
     fn make_room(
         &mut self,
         key: &BucketKey,
-        hash: u64,
+        hash: u32,
         found: u32,
         evicted: &mut impl FnMut(C),
         reclaimed: &mut Option<usize>,
@@ -586,7 +621,10 @@ impl<C: Copy> IdleCache<C> {
     #[inline(always)]
     fn emptied(&mut self, b: u32, closed: bool) {
         if !self.sliced {
-            self.push_front(b, SPARE);
+            // Already there if it was spare before its last connection.
+            if self.buckets[b as usize].list != SPARE {
+                self.push_front(b, SPARE);
+            }
             self.buckets_in_use -= 1;
         } else if closed && self.buckets[b as usize].list == PROBATION {
             self.move_to_front(b, EMPTY);
@@ -594,7 +632,7 @@ impl<C: Copy> IdleCache<C> {
     }
 
     #[inline(always)]
-    fn hash(&self, key: &BucketKey) -> u64 {
+    fn hash(&self, key: &BucketKey) -> u32 {
         // Eight bytes at a time (FxHash's step), both lengths mixed in
         // first so that address and key cannot run into each other. No
         // per-process seed: a chain never holds more than the pool's
@@ -606,8 +644,9 @@ impl<C: Copy> IdleCache<C> {
         h.bytes(key.addr);
         h.bytes(slice);
         // The table index takes the low bits; fold the well-mixed high half
-        // of the last product into them.
-        h.0 ^ (h.0 >> 32)
+        // of the last product into them (32 bits kept: a bucket record
+        // stays 48 bytes).
+        (h.0 ^ (h.0 >> 32)) as u32
     }
 
     #[inline(always)]
@@ -616,7 +655,7 @@ impl<C: Copy> IdleCache<C> {
     }
 
     #[inline(always)]
-    fn chain(&self, hash: u64) -> usize {
+    fn chain(&self, hash: u32) -> usize {
         (hash as usize) & (self.table.len() - 1)
     }
 
@@ -655,7 +694,7 @@ impl<C: Copy> IdleCache<C> {
     }
 
     #[inline(always)]
-    fn find_bucket(&self, key: &BucketKey, hash: u64) -> u32 {
+    fn find_bucket(&self, key: &BucketKey, hash: u32) -> u32 {
         let slice = self.cut(key.slice);
         let mut b = self.table[self.chain(hash)];
         while b != NIL {
@@ -680,12 +719,12 @@ impl<C: Copy> IdleCache<C> {
     fn acquire_bucket(
         &mut self,
         key: &BucketKey,
-        hash: u64,
+        hash: u32,
         evicted: &mut impl FnMut(C),
         reclaimed: &mut Option<usize>,
     ) -> u32 {
         let b = match self.free_bucket {
-            NIL if !self.sliced => match self.lists[SPARE as usize].tail {
+            NIL if !self.sliced => match self.spare_bucket() {
                 // Cannot happen: N + 1 buckets, at most N with connections.
                 NIL => return NIL,
                 spare => {
@@ -724,6 +763,20 @@ impl<C: Copy> IdleCache<C> {
             self.buckets_in_use += 1;
         }
         b
+    }
+
+    /// The oldest spare bucket (unsliced): buckets of the spare list that
+    /// hold connections again leave it on the way. Amortised O(1): a bucket
+    /// enters the list once each time it is emptied.
+    #[inline(always)]
+    fn spare_bucket(&mut self) -> u32 {
+        loop {
+            let b = self.lists[SPARE as usize].tail;
+            if b == NIL || self.buckets[b as usize].count == 0 {
+                return b;
+            }
+            self.unlink(b);
+        }
     }
 
     /// No bucket is free: the victim's, its idle connections closed, or
@@ -805,17 +858,18 @@ impl<C: Copy> IdleCache<C> {
 
     /// Where the ghost of the key with `hash` is kept, and its fingerprint
     /// (never 0, the mark of an empty entry).
-    fn ghost_of(&self, hash: u64) -> Option<(usize, u32)> {
+    fn ghost_of(&self, hash: u32) -> Option<(usize, u32)> {
         if self.ghosts.is_empty() {
             return None;
         }
-        let i = (hash >> 40) as usize & (self.ghosts.len() - 1);
-        Some((i, hash as u32 | 1))
+        // The index from the high bits (the chain takes the low ones).
+        let i = hash.rotate_left(16) as usize & (self.ghosts.len() - 1);
+        Some((i, hash | 1))
     }
 
     /// Whether a key with `hash` lost its bucket in probation lately (and
     /// forgets it).
-    fn is_ghost(&mut self, hash: u64) -> bool {
+    fn is_ghost(&mut self, hash: u32) -> bool {
         match self.ghost_of(hash) {
             Some((i, print)) if self.ghosts[i] == print => {
                 self.ghosts[i] = 0;
@@ -853,6 +907,8 @@ impl<C: Copy> IdleCache<C> {
     #[inline(always)]
     fn unchain(&mut self, b: u32) {
         self.buckets[b as usize].addr_len = NO_ADDR;
+        let generation = &mut self.buckets[b as usize].generation;
+        *generation = generation.wrapping_add(1);
         let chain = self.chain(self.buckets[b as usize].hash);
         let next = self.buckets[b as usize].chain_next;
         if self.table[chain] == b {

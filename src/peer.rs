@@ -371,9 +371,11 @@ unsafe extern "C" fn init_peer(
 }
 
 /// Evaluates the request's `slice_key` into `key` (from the request pool).
-/// A key of one variable alone is that variable's value, copied, as
-/// nginx's script would make it (flushed if not cacheable; empty if not
-/// found); any other runs the complex value.
+/// A key of one variable alone is that variable's value, as nginx's script
+/// would make it (flushed if not cacheable; empty if not found); any other
+/// runs the complex value. A cacheable variable's value stays the
+/// request's (`$host`: the Host header or the server name) and is not
+/// copied; one evaluated anew each time is, as the script would.
 ///
 /// # Safety
 /// `r` must be live, `slice` its upstream's.
@@ -389,6 +391,13 @@ unsafe fn evaluate_key(r: *mut ngx_http_request_t, slice: &SliceConf, key: &mut 
             return true;
         }
         let len = (*vv).len() as usize;
+        if (*vv).no_cacheable() == 0 {
+            *key = ngx_str_t {
+                len,
+                data: (*vv).data,
+            };
+            return true;
+        }
         let data = ngx_pnalloc((*r).pool, len) as *mut u8;
         if data.is_null() {
             return false;
@@ -603,6 +612,7 @@ unsafe extern "C" fn free_peer(
 ///
 /// # Safety
 /// `pc` holds a keepable connection of the live request of `kp`.
+#[inline(always)]
 unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t) {
     // SAFETY: see above.
     unsafe {
