@@ -16,7 +16,9 @@
 #
 # Run: perl bench/profile.pl
 #   PROFILE_REQUESTS (2000), PROFILE_KEEP=1 keeps the directory (and the
-#   callgrind.out files, for callgrind_annotate/kcachegrind)
+#   callgrind.out files, for callgrind_annotate/kcachegrind),
+#   PROFILE_CALLGRIND_ARGS (e.g. --dump-instr=yes, for per-instruction
+#   counts)
 
 use v5.36;
 use strict;
@@ -142,7 +144,8 @@ for my $c (@CONFIGS) {
 		: 'access_log off;';
 	print "profiling $c->{name} ...\n";
 	my $pid = start_nginx("front$i", $front_port,
-		[ 'valgrind', '--tool=callgrind', "--callgrind-out-file=$out" ], <<"EOF");
+		[ 'valgrind', '--tool=callgrind', "--callgrind-out-file=$out",
+			split(' ', $ENV{PROFILE_CALLGRIND_ARGS} // '') ], <<"EOF");
 $load
 $USER
 master_process off;
