@@ -34,6 +34,46 @@ use crate::identity::{session_stamp, MAX_SESSION_STAMP};
 use crate::session;
 use crate::identity_ffi::{protocol, protocol_module, Identity, TlsKey, TlsState};
 
+/// Logging kept out of the per-request callbacks: the level is checked
+/// inline, the message is formatted in a cold function. (nginx-sys's macros
+/// format in place, into a 2 KiB buffer: inlined into a callback, each
+/// adds its code and registers to the path every request takes.)
+macro_rules! debug_http {
+    ($log:expr, $($arg:tt)+) => {{
+        let log: *mut ngx_log_t = $log;
+        // SAFETY: callers pass a live log.
+        #[allow(unused_unsafe)]
+        let level = unsafe { (*log).log_level };
+        if ngx::log::DEBUG && ngx::log::check_mask(ngx::log::DebugMask::Http, level) {
+            cold(|| {
+                ngx_log_debug_mask!(DebugMask::Http, log, $($arg)+);
+            });
+        }
+    }};
+}
+
+/// `ngx_log_error!` out of line, as `debug_http!`.
+macro_rules! log_error {
+    ($level:expr, $log:expr, $($arg:tt)+) => {{
+        let log: *mut ngx_log_t = $log;
+        // SAFETY: callers pass a live log.
+        #[allow(unused_unsafe)]
+        let level = unsafe { (*log).log_level };
+        if ($level as ngx_uint_t) <= level {
+            cold(|| {
+                ngx_log_error!($level, log, $($arg)+);
+            });
+        }
+    }};
+}
+
+/// Runs `f` out of line (see `debug_http!`).
+#[cold]
+#[inline(never)]
+fn cold(f: impl FnOnce()) {
+    f()
+}
+
 const NGX_DONE: ngx_int_t = ngx::ffi::NGX_DONE as ngx_int_t;
 const NGX_AGAIN: ngx_int_t = ngx::ffi::NGX_AGAIN as ngx_int_t;
 const NGX_PEER_FAILED: ngx_uint_t = ngx::ffi::NGX_PEER_FAILED as ngx_uint_t;
@@ -173,7 +213,7 @@ pub unsafe extern "C" fn init_upstream(
 ) -> ngx_int_t {
     // SAFETY: called by nginx for the upstream whose init_upstream we set.
     unsafe {
-        ngx_log_debug_mask!(DebugMask::Http, (*cf).log, "init keepalive slice");
+        debug_http!((*cf).log, "init keepalive slice");
 
         let Some(init) = (*srv_conf(us)).original_init_upstream else {
             return NGX_ERROR;
@@ -225,7 +265,7 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
             slot,
         });
         let (Some(cache), Some(handles)) = (cache, handles) else {
-            ngx_log_error!(
+            log_error!(
                 NGX_LOG_EMERG,
                 (*cf).log,
                 "keepalive: cannot allocate a cache of {} connections in {} buckets \
@@ -236,8 +276,7 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
             );
             return NGX_ERROR;
         };
-        ngx_log_debug_mask!(
-            DebugMask::Http,
+        debug_http!(
             (*cf).log,
             "init keepalive slice: {} connections, {} buckets of {} key bytes, {} bytes",
             kcf.max_cached,
@@ -288,7 +327,7 @@ unsafe extern "C" fn init_peer(
     // SAFETY: r and us are live; r->upstream was created by the caller.
     unsafe {
         let log = (*(*r).connection).log;
-        ngx_log_debug_mask!(DebugMask::Http, log, "init keepalive slice peer");
+        debug_http!(log, "init keepalive slice peer");
 
         let kcf = srv_conf(us);
         let kp = ngx_palloc((*r).pool, size_of::<PeerData>()) as *mut PeerData;
@@ -308,15 +347,14 @@ unsafe extern "C" fn init_peer(
             Some(slice) => {
                 let key = &mut slice_key;
                 if evaluate_key(r, slice, key) {
-                    ngx_log_debug_mask!(
-                        DebugMask::Http,
+                    debug_http!(
                         log,
                         "keepalive slice key: \"{}\"",
                         NgxStr::from_bytes(key.as_bytes())
                     );
                     SliceState::Key
                 } else {
-                    ngx_log_error!(
+                    log_error!(
                         NGX_LOG_WARN,
                         log,
                         "keepalive: cannot evaluate \"slice_key\", idle connections not used"
@@ -414,7 +452,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     // SAFETY: data is our PeerData set in init_peer; pc is the request's.
     unsafe {
         let kp = &mut *(data as *mut PeerData);
-        ngx_log_debug_mask!(DebugMask::Http, (*pc).log, "get keepalive slice peer");
+        debug_http!((*pc).log, "get keepalive slice peer");
         kp.bucket = None;
 
         let Some(get) = kp.original_get_peer else {
@@ -444,8 +482,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             variables::record_try(kp.request, taken.is_some(), requests, kp.logged_key());
         }
         let Some(c) = taken else {
-            ngx_log_debug_mask!(
-                DebugMask::Http,
+            debug_http!(
                 (*pc).log,
                 "get keepalive slice peer: no idle connection for {}",
                 kp.identity()
@@ -453,8 +490,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             return NGX_OK;
         };
 
-        ngx_log_debug_mask!(
-            DebugMask::Http,
+        debug_http!(
             (*pc).log,
             "get keepalive slice peer: using connection {:p}: {}",
             c,
@@ -558,7 +594,7 @@ unsafe fn bucket_limit(kp: &PeerData, log: *mut ngx_log_t) -> Option<usize> {
         };
         let vv = ngx_http_get_flushed_variable(kp.request, index);
         if vv.is_null() || (*vv).not_found() != 0 {
-            ngx_log_error!(
+            log_error!(
                 NGX_LOG_WARN,
                 log,
                 "keepalive: \"slice_dyn\" variable \"${}\" not found, connection not kept",
@@ -570,7 +606,7 @@ unsafe fn bucket_limit(kp: &PeerData, log: *mut ngx_log_t) -> Option<usize> {
         match parse_number(value) {
             Some(n) => Some(n),
             None => {
-                ngx_log_error!(NGX_LOG_WARN, log, "keepalive: \"slice_dyn\" variable \"${}\" is \"{}\", not a number, connection not kept", NgxStr::from_bytes(slice.dyn_name.as_bytes()), NgxStr::from_bytes(value));
+                log_error!(NGX_LOG_WARN, log, "keepalive: \"slice_dyn\" variable \"${}\" is \"{}\", not a number, connection not kept", NgxStr::from_bytes(slice.dyn_name.as_bytes()), NgxStr::from_bytes(value));
                 None
             }
         }
@@ -588,11 +624,10 @@ unsafe extern "C" fn free_peer(
     unsafe {
         let kp = &*(data as *const PeerData);
         let log = (*pc).log;
-        ngx_log_debug_mask!(DebugMask::Http, log, "free keepalive slice peer");
+        debug_http!(log, "free keepalive slice peer");
 
         if let Some((reason, text)) = unkeepable(kp, pc, state) {
-            ngx_log_debug_mask!(
-                DebugMask::Http,
+            debug_http!(
                 log,
                 "free keepalive slice peer: not saving: {}",
                 text
@@ -636,8 +671,7 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
         // key takes.
         let stats = &idle.stats;
         let evict = |evicted: *mut ngx_connection_t| {
-            ngx_log_debug_mask!(
-                DebugMask::Http,
+            debug_http!(
                 log,
                 "keepalive slice: evicting connection {:p}",
                 evicted
@@ -655,8 +689,7 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
         };
 
         if let Some(closed) = stored.reclaimed {
-            ngx_log_debug_mask!(
-                DebugMask::Http,
+            debug_http!(
                 log,
                 "keepalive slice: key \"{}\" took the bucket of another key, {} idle connections closed",
                 NgxStr::from_bytes(key.slice),
@@ -674,8 +707,7 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
         };
         idle.count(Counter::Kept);
 
-        ngx_log_debug_mask!(
-            DebugMask::Http,
+        debug_http!(
             log,
             "free keepalive slice peer: saving connection {:p}: {}",
             c,
@@ -731,7 +763,7 @@ unsafe fn tls_keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut 
         TlsState::Ready { .. } => {}
         TlsState::Failed => return false,
         TlsState::TooLong(len) => {
-            ngx_log_error!(
+            log_error!(
                 NGX_LOG_INFO,
                 log,
                 "keepalive: connection not kept, its address and TLS identity (name, \
@@ -746,7 +778,7 @@ unsafe fn tls_keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut 
         if (*pc).cached() == 0 {
             if let Some(name) = kp.tls.name() {
                 if (*kp.upstream).ssl_name.as_bytes() != name {
-                    ngx_log_error!(
+                    log_error!(
                         NGX_LOG_INFO,
                         log,
                         "keepalive: connection not kept, nginx opened it with TLS name \"{}\", \
@@ -766,24 +798,24 @@ fn log_refusal(log: *mut ngx_log_t, refusal: &Refusal, key: &[u8]) {
     let key = NgxStr::from_bytes(key);
     match refusal {
         Refusal::ZeroLimit => {
-            ngx_log_error!(
+            log_error!(
                 NGX_LOG_INFO,
                 log,
                 "keepalive: connection not kept, bucket limit for key \"{key}\" is 0"
             );
         }
         Refusal::BucketFull { limit } => {
-            ngx_log_error!(NGX_LOG_INFO, log, "keepalive: connection not kept, bucket for key \"{key}\" is full ({limit} idle connections)");
+            log_error!(NGX_LOG_INFO, log, "keepalive: connection not kept, bucket for key \"{key}\" is full ({limit} idle connections)");
         }
         Refusal::NoBuckets => {
-            ngx_log_error!(
+            log_error!(
                 NGX_LOG_INFO,
                 log,
                 "keepalive: connection not kept, no bucket for key \"{key}\" (slice_poolsize=0)"
             );
         }
         Refusal::Unusable => {
-            ngx_log_error!(
+            log_error!(
                 NGX_LOG_INFO,
                 log,
                 "keepalive: connection not kept, unusable server address"
@@ -795,7 +827,7 @@ fn log_refusal(log: *mut ngx_log_t, refusal: &Refusal, key: &[u8]) {
 unsafe extern "C" fn dummy_handler(ev: *mut ngx_event_t) {
     // SAFETY: nginx passes a live event.
     unsafe {
-        ngx_log_debug_mask!(DebugMask::Http, (*ev).log, "keepalive slice dummy handler");
+        debug_http!((*ev).log, "keepalive slice dummy handler");
     }
 }
 
@@ -805,7 +837,7 @@ unsafe extern "C" fn dummy_handler(ev: *mut ngx_event_t) {
 unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
     // SAFETY: ev belongs to an idle connection whose data is a SlotHandle.
     unsafe {
-        ngx_log_debug_mask!(DebugMask::Http, (*ev).log, "keepalive slice close handler");
+        debug_http!((*ev).log, "keepalive slice close handler");
 
         let c = (*ev).data as *mut ngx_connection_t;
 
