@@ -437,8 +437,7 @@ impl<C: Copy> IdleCache<C> {
                 if self.slots.is_empty() || key.addr.len() > MAX_ADDR_LEN {
                     return Err(Refusal::Unusable);
                 }
-                let hash = self.hash(key);
-                (self.find_bucket(key, hash), hash)
+                self.look_up(key)
             }
         };
         if limit == 0 {
@@ -698,20 +697,44 @@ impl<C: Copy> IdleCache<C> {
 
     #[inline(always)]
     fn find_bucket(&self, key: &BucketKey, hash: u32) -> u32 {
-        let slice = self.cut(key.slice);
-        let mut b = self.table[self.chain(hash)];
-        while b != NIL {
-            let bucket = &self.buckets[b as usize];
-            if bucket.hash == hash
-                && bucket.tag == key.tag
-                && same(self.addr_of(b as usize), key.addr)
-                && self.same_slice(b as usize, slice)
-            {
+        // The first of the chain inline (a chain is one bucket long, or
+        // empty, at a load of at most 1/2), the others out of line.
+        let first = self.table[self.chain(hash)];
+        if first == NIL || self.is_bucket_of(first, key, hash) {
+            return first;
+        }
+        self.find_further(first, key, hash)
+    }
+
+    /// The bucket of `key` (NIL if none) and its hash, out of line: free
+    /// peer stores into the bucket get peer found, and looks up only when
+    /// there was none.
+    #[inline(never)]
+    fn look_up(&self, key: &BucketKey) -> (u32, u32) {
+        let hash = self.hash(key);
+        (self.find_bucket(key, hash), hash)
+    }
+
+    /// [`IdleCache::find_bucket`] past bucket `b` of the chain.
+    #[inline(never)]
+    fn find_further(&self, mut b: u32, key: &BucketKey, hash: u32) -> u32 {
+        loop {
+            b = self.buckets[b as usize].chain_next;
+            if b == NIL || self.is_bucket_of(b, key, hash) {
                 return b;
             }
-            b = bucket.chain_next;
         }
-        NIL
+    }
+
+    /// Whether bucket `b`, in the table, is the bucket of `key`, whose
+    /// hash is `hash`.
+    #[inline(always)]
+    fn is_bucket_of(&self, b: u32, key: &BucketKey, hash: u32) -> bool {
+        let bucket = &self.buckets[b as usize];
+        bucket.hash == hash
+            && bucket.tag == key.tag
+            && same(self.addr_of(b as usize), key.addr)
+            && self.same_slice(b as usize, self.cut(key.slice))
     }
 
     /// A bucket for `key`, which has none: a free one, or the bucket of a
@@ -985,12 +1008,17 @@ impl Mix {
 
     #[inline]
     fn bytes(&mut self, bytes: &[u8]) {
-        // The common lengths without a loop: no key, and a sockaddr_in.
+        // The common lengths without a loop: no key, a sockaddr_in, a
+        // host name of up to 16 bytes (as two words, overlapping).
         match bytes.len() {
             0 => return,
-            16 => {
-                self.word(word(&bytes[..8]));
-                self.word(word(&bytes[8..]));
+            1..=8 => {
+                self.word(last_word(bytes));
+                return;
+            }
+            9..=16 => {
+                self.word(word(bytes.get(..8).unwrap_or_default()));
+                self.word(last_word(bytes));
                 return;
             }
             _ => {}
