@@ -172,7 +172,9 @@ struct Bucket {
     prev: u32,
     next: u32,
     /// Counts the keys the bucket has left (`unchain`): a `BucketRef` of
-    /// the same generation still holds its key.
+    /// the same generation still holds its key. (A stale reference could
+    /// match again only after 2^32 changes of this one bucket's key within
+    /// one try of one request.)
     generation: u32,
     slice_len: u16,
     addr_len: u16,
