@@ -1057,6 +1057,11 @@ fn same(a: &[u8], b: &[u8]) -> bool {
             return u128::from_ne_bytes(*a) == u128::from_ne_bytes(*b);
         }
     }
+    // Short keys (host names) as one or two words, overlapping.
+    if a.len() < 16 {
+        let first = |s: &[u8]| s.get(..8).map_or(0, word);
+        return first(a) == first(b) && last_word(a) == last_word(b);
+    }
     let (mut x, mut y) = (a.chunks_exact(8), b.chunks_exact(8));
     for (p, q) in (&mut x).zip(&mut y) {
         if word(p) != word(q) {
@@ -1076,7 +1081,7 @@ fn word(chunk: &[u8]) -> u64 {
 
 /// The last eight bytes of `bytes` as a word, or, shorter, all of them
 /// zero-padded (read as two overlapping halves, without a byte loop).
-#[inline]
+#[inline(always)]
 fn last_word(bytes: &[u8]) -> u64 {
     let n = bytes.len();
     if let Some(last) = n.checked_sub(8).and_then(|start| bytes.get(start..)) {
