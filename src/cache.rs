@@ -412,6 +412,38 @@ impl<C: Copy> IdleCache<C> {
         self.store_at(None, key, conn, limit, evicted)
     }
 
+    /// [`IdleCache::store_at`] without the key, in the common case: the
+    /// key still owns bucket `known` (found for it by [`IdleCache::find`])
+    /// and there is a free slot. Returns the slot, or why the connection
+    /// was refused; `None` when the key is needed (the bucket changed keys,
+    /// or room must be made): then `store_at` does all.
+    #[inline]
+    pub fn store_known(
+        &mut self,
+        known: BucketRef,
+        conn: C,
+        limit: usize,
+    ) -> Option<Result<usize, Refusal>> {
+        let b = known.bucket();
+        let bucket = self.buckets.get(b as usize)?;
+        if bucket.generation != known.generation || self.free_slot == NIL {
+            return None;
+        }
+        if limit == 0 {
+            return Some(Err(Refusal::ZeroLimit));
+        }
+        // (Unsliced, the limit is the whole cache: not compared.)
+        if limit != usize::MAX && bucket.count as usize >= limit {
+            return Some(Err(Refusal::BucketFull { limit }));
+        }
+        let list = bucket.list;
+        let slot = self.link_slot(b, conn);
+        if self.sliced && list == EMPTY {
+            self.move_to_front(b, PROBATION);
+        }
+        Some(Ok(slot as usize))
+    }
+
     /// [`IdleCache::store`], with the bucket `known` found earlier for the
     /// same key (by [`IdleCache::find`] with an equal key: it is not
     /// compared again): if the key still owns it, the key is not looked up
@@ -425,6 +457,13 @@ impl<C: Copy> IdleCache<C> {
         limit: usize,
         mut evicted: impl FnMut(C),
     ) -> Result<Stored, Refusal> {
+        if let Some(done) = known.and_then(|r| self.store_known(r, conn, limit)) {
+            debug_assert!(known.is_some_and(|r| self.holds(r.bucket(), key)));
+            return done.map(|slot| Stored {
+                slot,
+                reclaimed: None,
+            });
+        }
         // A bucket the key still owns: the cache holds connections and the
         // address fits (the key was stored before).
         let owned = known.and_then(|r| {
@@ -462,6 +501,34 @@ impl<C: Copy> IdleCache<C> {
             }
         };
 
+        let list = self.buckets[b as usize].list;
+        let slot = self.link_slot(b, conn);
+
+        if self.sliced {
+            if found == NIL {
+                // A key coming back soon after losing its bucket in
+                // probation was in use: protected at once.
+                let to = if self.is_ghost(hash) {
+                    PROTECTED
+                } else {
+                    PROBATION
+                };
+                self.push_front(b, to);
+            } else if list == EMPTY {
+                self.move_to_front(b, PROBATION);
+            }
+        }
+
+        Ok(Stored {
+            slot: slot as usize,
+            reclaimed,
+        })
+    }
+
+    /// Links `conn` into a free slot (there must be one) at the head of
+    /// bucket `b` and of the LRU list; returns the slot.
+    #[inline(always)]
+    fn link_slot(&mut self, b: u32, conn: C) -> u32 {
         let slot = self.free_slot;
         self.free_slot = self.slots[slot as usize].bucket_next;
 
@@ -484,7 +551,6 @@ impl<C: Copy> IdleCache<C> {
         }
         bucket.head = slot;
         bucket.count += 1;
-        let list = bucket.list;
         if old_head == NIL && !self.sliced {
             // Unsliced, a bucket in use is one holding connections. A spare
             // one stays in the spare list, which `acquire_bucket` skips it
@@ -500,26 +566,7 @@ impl<C: Copy> IdleCache<C> {
         }
         self.lru_head = slot;
         self.len += 1;
-
-        if self.sliced {
-            if found == NIL {
-                // A key coming back soon after losing its bucket in
-                // probation was in use: protected at once.
-                let to = if self.is_ghost(hash) {
-                    PROTECTED
-                } else {
-                    PROBATION
-                };
-                self.push_front(b, to);
-            } else if list == EMPTY {
-                self.move_to_front(b, PROBATION);
-            }
-        }
-
-        Ok(Stored {
-            slot: slot as usize,
-            reclaimed,
-        })
+        slot
     }
 
     /// Removes the connection in `slot` (closed by the backend, timed out,
@@ -1261,6 +1308,58 @@ mod tests {
         put(&mut cache, &key(B, b""), 4, usize::MAX).unwrap();
         assert_eq!(cache.bucket_len(&key(B, b"")), 1);
         assert_eq!(cache.take(&key(B, b"")), Some(4));
+    }
+
+    /// Free peer stores into the bucket get peer found without the key
+    /// only while the key owns it and a slot is free; otherwise the key is
+    /// needed (`None`), and a refusal is the same as with the key.
+    #[test]
+    fn stores_without_the_key_only_into_the_keys_own_bucket() {
+        let mut cache = unsliced(2);
+        put(&mut cache, &key(A, b""), 1, usize::MAX).unwrap();
+        let a = cache.find(&key(A, b"")).unwrap();
+        assert_eq!(cache.take_from(a), Some(1));
+        assert!(matches!(cache.store_known(a, 1, usize::MAX), Some(Ok(_))));
+        assert_eq!(cache.bucket_len(&key(A, b"")), 1);
+        // Full: room must be made, by the key.
+        put(&mut cache, &key(B, b""), 2, usize::MAX).unwrap();
+        assert_eq!(cache.store_known(a, 3, usize::MAX), None);
+        // A's only connection evicted, its spare bucket then given to C:
+        // the reference is stale.
+        let c = [2, 0, 0, 9, 127, 0, 0, 1];
+        assert_eq!(
+            put(&mut cache, &key(&c, b""), 3, usize::MAX)
+                .unwrap()
+                .evicted,
+            [1]
+        );
+        assert_eq!(cache.take(&key(B, b"")), Some(2));
+        put(&mut cache, &key(B, b""), 2, usize::MAX).unwrap();
+        assert_eq!(cache.take(&key(&c, b"")), Some(3));
+        put(
+            &mut cache,
+            &key(&[2, 0, 0, 8, 127, 0, 0, 1], b""),
+            4,
+            usize::MAX,
+        )
+        .unwrap();
+        assert!(!cache.has_bucket(&key(A, b"")));
+        assert_eq!(cache.store_known(a, 5, usize::MAX), None);
+
+        let mut sliced = IdleCache::new(4, 4, 8).unwrap();
+        let k = key(A, b"k");
+        sliced.store(&k, 1, 1, |_| {}).unwrap();
+        let found = sliced.find(&k).unwrap();
+        assert_eq!(
+            sliced.store_known(found, 2, 0),
+            Some(Err(Refusal::ZeroLimit))
+        );
+        assert_eq!(
+            sliced.store_known(found, 2, 1),
+            Some(Err(Refusal::BucketFull { limit: 1 }))
+        );
+        assert!(matches!(sliced.store_known(found, 2, 2), Some(Ok(_))));
+        assert_eq!(sliced.bucket_len(&k), 2);
     }
 
     #[test]

@@ -657,51 +657,30 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
             idle.count(Counter::NotKept(NotKept::Error));
             return;
         }
-        let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
-            idle.count(Counter::NotKept(NotKept::Error));
-            return;
-        };
         let Some(limit) = bucket_limit(kp, log) else {
             idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
 
-        // Connections pushed out to make room: the least recently stored
-        // one when the cache is full, or those of the key whose bucket this
-        // key takes.
-        let stats = &idle.stats;
-        let evict = |evicted: *mut ngx_connection_t| {
-            debug_http!(
-                log,
-                "keepalive slice: evicting connection {:p}",
-                evicted
-            );
-            stats.count(Counter::Evicted);
-            close_connection(evicted);
-        };
-        let stored = match idle.cache.store_at(kp.bucket, &key, c, limit, evict) {
-            Ok(stored) => stored,
-            Err(refusal) => {
-                log_refusal(log, &refusal, key.slice);
-                idle.count(Counter::NotKept(not_kept_because(&refusal)));
+        // Into the bucket get peer found, without the key, if it can be;
+        // otherwise by the key, out of line.
+        let slot = match kp.bucket.and_then(|b| idle.cache.store_known(b, c, limit)) {
+            Some(Ok(slot)) => slot,
+            Some(Err(refusal)) => {
+                refused(kp, idle, log, &refusal);
                 return;
             }
+            None => match store_by_key(kp, pc, idle, limit, log) {
+                Some(slot) => slot,
+                None => return,
+            },
         };
-
-        if let Some(closed) = stored.reclaimed {
-            debug_http!(
-                log,
-                "keepalive slice: key \"{}\" took the bucket of another key, {} idle connections closed",
-                NgxStr::from_bytes(key.slice),
-                closed
-            );
-        }
 
         // The cache hands out slots of its own arena, which `handles`
         // mirrors; were that ever broken, the connection is not kept
         // (upstream closes it) rather than the worker stopping.
-        let Some(handle) = idle.handles.get_mut(stored.slot).map(ptr::from_mut) else {
-            idle.cache.remove(stored.slot);
+        let Some(handle) = idle.handles.get_mut(slot).map(ptr::from_mut) else {
+            idle.cache.remove(slot);
             idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
@@ -735,6 +714,73 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
             close_handler(rev);
         }
     }
+}
+
+/// [`keep`] by the connection's key: the bucket get peer found is not the
+/// key's any more, or there was none, or room must be made. Returns the
+/// slot, or `None` (logged and counted) when the connection is not kept.
+///
+/// # Safety
+/// As for [`keep`].
+#[inline(never)]
+unsafe fn store_by_key(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    idle: &mut IdleState,
+    limit: usize,
+    log: *mut ngx_log_t,
+) -> Option<usize> {
+    // SAFETY: see above.
+    unsafe {
+        let c = (*pc).connection;
+        let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
+            idle.count(Counter::NotKept(NotKept::Error));
+            return None;
+        };
+
+        // Connections pushed out to make room: the least recently stored
+        // one when the cache is full, or those of the key whose bucket this
+        // key takes.
+        let stats = &idle.stats;
+        let evict = |evicted: *mut ngx_connection_t| {
+            debug_http!(
+                log,
+                "keepalive slice: evicting connection {:p}",
+                evicted
+            );
+            stats.count(Counter::Evicted);
+            close_connection(evicted);
+        };
+        let stored = match idle.cache.store_at(kp.bucket, &key, c, limit, evict) {
+            Ok(stored) => stored,
+            Err(refusal) => {
+                refused(kp, idle, log, &refusal);
+                return None;
+            }
+        };
+
+        if let Some(closed) = stored.reclaimed {
+            debug_http!(
+                log,
+                "keepalive slice: key \"{}\" took the bucket of another key, {} idle connections closed",
+                NgxStr::from_bytes(key.slice),
+                closed
+            );
+        }
+        Some(stored.slot)
+    }
+}
+
+/// The cache refused the connection: logged and counted.
+#[cold]
+#[inline(never)]
+fn refused(kp: &PeerData, idle: &mut IdleState, log: *mut ngx_log_t, refusal: &Refusal) {
+    let slice = match kp.slice_state {
+        SliceState::Key => kp.slice_key.as_bytes(),
+        _ => &[],
+    };
+    log_refusal(log, refusal, slice);
+    idle.count(Counter::NotKept(not_kept_because(refusal)));
 }
 
 /// The status page's reason for a refusal of the cache.
