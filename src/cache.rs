@@ -417,7 +417,7 @@ impl<C: Copy> IdleCache<C> {
     /// and there is a free slot. Returns the slot, or why the connection
     /// was refused; `None` when the key is needed (the bucket changed keys,
     /// or room must be made): then `store_at` does all.
-    #[inline]
+    #[inline(always)]
     pub fn store_known(
         &mut self,
         known: BucketRef,
