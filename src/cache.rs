@@ -700,8 +700,14 @@ impl<C: Copy> IdleCache<C> {
         (h.0 ^ (h.0 >> 32)) as u32
     }
 
+    /// The slice key as the cache keeps it: cut to `keylen` bytes (none
+    /// unsliced; said first so that code which knows the cache unsliced
+    /// drops the rest).
     #[inline(always)]
     fn cut<'k>(&self, slice: &'k [u8]) -> &'k [u8] {
+        if !self.sliced {
+            return &[];
+        }
         &slice[..slice.len().min(self.keylen)]
     }
 
@@ -720,6 +726,10 @@ impl<C: Copy> IdleCache<C> {
     /// unsliced key, empty, is compared by its length alone.
     #[inline(always)]
     fn same_slice(&self, b: usize, slice: &[u8]) -> bool {
+        // Unsliced, every bucket's slice key is empty, as every key's.
+        if !self.sliced {
+            return true;
+        }
         if slice.is_empty() {
             return self.buckets[b].slice_len == 0;
         }

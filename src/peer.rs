@@ -526,27 +526,61 @@ unsafe fn set_log(c: *mut ngx_connection_t, log: *mut ngx_log_t) {
     }
 }
 
-/// Why a connection cannot be kept, before the cache is even asked.
+/// Whether the connection can be kept, before the cache is even asked:
+/// the same checks as [`unkeepable`], which says why not (out of line),
+/// and the read event armed.
 ///
 /// # Safety
 /// `pc` and `kp` must belong to a live request.
-unsafe fn unkeepable(
-    kp: &PeerData,
-    pc: *mut ngx_peer_connection_t,
-    state: ngx_uint_t,
-) -> Option<(NotKept, &'static str)> {
+#[inline(always)]
+unsafe fn keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, state: ngx_uint_t) -> bool {
     // SAFETY: see above.
     unsafe {
         let c = (*pc).connection;
         if state & NGX_PEER_FAILED != 0 || c.is_null() {
-            return Some((NotKept::Error, "peer failed"));
+            return false;
+        }
+        let u = kp.upstream;
+        let (rev, wev) = ((*c).read, (*c).write);
+        let kcf = &*kp.conf;
+        let usable = (*u).keepalive() != 0
+            && (*rev).eof() == 0
+            && (*rev).error() == 0
+            && (*rev).timedout() == 0
+            && (*wev).error() == 0
+            && (*wev).timedout() == 0
+            && (*c).requests < kcf.requests
+            && ngx_current_msec.wrapping_sub((*c).start_time) <= kcf.time
+            && (*u).request_body_sent() != 0
+            // Graceful shutdown must not create new idle connections.
+            && ngx_terminate == 0
+            && ngx_exiting == 0;
+        usable && ngx_handle_read_event(rev, 0) == NGX_OK
+    }
+}
+
+/// Why [`keepable`] said no: the first of its checks that fails, in the
+/// order the status page counts them, or the read event.
+///
+/// # Safety
+/// As for [`keepable`], called right after it.
+unsafe fn unkeepable(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    state: ngx_uint_t,
+) -> (NotKept, &'static str) {
+    // SAFETY: see above.
+    unsafe {
+        let c = (*pc).connection;
+        if state & NGX_PEER_FAILED != 0 || c.is_null() {
+            return (NotKept::Error, "peer failed");
         }
         // Before the connection's own state: a backend that answers
         // "Connection: close" often sends its FIN with the response, and
         // its reason is the response, not an error.
         let u = kp.upstream;
         if (*u).keepalive() == 0 {
-            return Some((NotKept::ResponseNotKeepalive, "response not keepalive"));
+            return (NotKept::ResponseNotKeepalive, "response not keepalive");
         }
         let (rev, wev) = ((*c).read, (*c).write);
         if (*rev).eof() != 0
@@ -555,26 +589,42 @@ unsafe fn unkeepable(
             || (*wev).error() != 0
             || (*wev).timedout() != 0
         {
-            return Some((NotKept::Error, "connection error"));
+            return (NotKept::Error, "connection error");
         }
         let kcf = &*kp.conf;
         if (*c).requests >= kcf.requests {
-            return Some((NotKept::Requests, "keepalive_requests reached"));
+            return (NotKept::Requests, "keepalive_requests reached");
         }
         if ngx_current_msec.wrapping_sub((*c).start_time) > kcf.time {
-            return Some((NotKept::Time, "keepalive_time reached"));
+            return (NotKept::Time, "keepalive_time reached");
         }
         if (*u).request_body_sent() == 0 {
-            return Some((NotKept::RequestBodyUnsent, "request body not sent"));
+            return (NotKept::RequestBodyUnsent, "request body not sent");
         }
-        // Graceful shutdown must not create new idle connections.
         if ngx_terminate != 0 || ngx_exiting != 0 {
-            return Some((NotKept::Shutdown, "exiting"));
+            return (NotKept::Shutdown, "exiting");
         }
-        if ngx_handle_read_event(rev, 0) != NGX_OK {
-            return Some((NotKept::Error, "read event"));
-        }
-        None
+        // All else passed: ngx_handle_read_event() failed.
+        (NotKept::Error, "read event")
+    }
+}
+
+/// The connection is not kept: logged and counted.
+///
+/// # Safety
+/// As for [`unkeepable`].
+#[cold]
+#[inline(never)]
+unsafe fn not_kept(kp: &PeerData, pc: *mut ngx_peer_connection_t, state: ngx_uint_t) {
+    // SAFETY: see above.
+    unsafe {
+        let (reason, text) = unkeepable(kp, pc, state);
+        debug_http!(
+            (*pc).log,
+            "free keepalive slice peer: not saving: {}",
+            text
+        );
+        (*(*kp.conf).idle).count(Counter::NotKept(reason));
     }
 }
 
@@ -626,15 +676,10 @@ unsafe extern "C" fn free_peer(
         let log = (*pc).log;
         debug_http!(log, "free keepalive slice peer");
 
-        if let Some((reason, text)) = unkeepable(kp, pc, state) {
-            debug_http!(
-                log,
-                "free keepalive slice peer: not saving: {}",
-                text
-            );
-            (*(*kp.conf).idle).count(Counter::NotKept(reason));
-        } else {
+        if keepable(kp, pc, state) {
             keep(kp, pc, log);
+        } else {
+            not_kept(kp, pc, state);
         }
 
         if let Some(free) = kp.original_free_peer {
