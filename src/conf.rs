@@ -34,6 +34,9 @@ pub struct SliceConf {
     /// The index of the variable `slice_key` consists of, if it is one
     /// variable alone (`$host`): read directly, as the script would.
     pub key_var: Option<ngx_uint_t>,
+    /// `slice_key` is `$host` alone: its value is read as nginx's own
+    /// `$host` handler reads it, without the variable machinery.
+    pub key_is_host: bool,
     /// `slice_conn`: fixed idle connections per bucket.
     pub conn: Option<usize>,
     /// `slice_dyn`: index of the variable read at free time; wins over conn.
