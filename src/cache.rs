@@ -774,15 +774,25 @@ impl<C: Copy> IdleCache<C> {
         (self.find_bucket(key, hash), hash)
     }
 
-    /// [`IdleCache::find_bucket`] past bucket `b` of the chain.
+    /// [`IdleCache::find_bucket`] past bucket `b` of the chain: the hashes
+    /// compared in a tight loop, a key only where the hash is the same.
     #[inline(never)]
     fn find_further(&self, mut b: u32, key: &BucketKey, hash: u32) -> u32 {
         loop {
             b = self.buckets[b as usize].chain_next;
-            if b == NIL || self.is_bucket_of(b, key, hash) {
+            if b == NIL || (self.buckets[b as usize].hash == hash && self.has_key(b, key)) {
                 return b;
             }
         }
+    }
+
+    /// [`IdleCache::is_bucket_of`] once the hash is the same, out of line:
+    /// see `find_further`.
+    #[inline(never)]
+    fn has_key(&self, b: u32, key: &BucketKey) -> bool {
+        self.buckets[b as usize].tag == key.tag
+            && same(self.addr_of(b as usize), key.addr)
+            && self.same_slice(b as usize, self.cut(key.slice))
     }
 
     /// Whether bucket `b`, in the table, is the bucket of `key`, whose
