@@ -366,11 +366,42 @@ impl<C: Copy> IdleCache<C> {
         if recent != NIL && self.holds(recent, key) {
             return self.bucket_ref(recent);
         }
+        self.find_hashed(key)
+    }
+
+    /// [`IdleCache::find`] by the key's hash, without trying the bucket
+    /// found last first (unsliced: after [`IdleCache::take_recent`]).
+    #[inline(always)]
+    pub fn find_hashed(&mut self, key: &BucketKey) -> Option<BucketRef> {
         let b = self.find_bucket(key, self.hash(key));
-        if b != NIL {
+        if b != NIL && !self.sliced {
             self.recent = b;
         }
         self.bucket_ref(b)
+    }
+
+    /// Unsliced, for a key without a slice key: [`IdleCache::find`] when
+    /// the bucket found last is the key's (every request to a lone
+    /// server), without building the key. `None` otherwise: the caller
+    /// then finds the bucket by the whole key ([`IdleCache::find_hashed`]).
+    #[inline(always)]
+    pub fn recent(&self, addr: &[u8], tag: usize) -> Option<BucketRef> {
+        if self.sliced {
+            return None;
+        }
+        let b = self.recent;
+        let bucket = self.buckets.get(b as usize)?;
+        // A free bucket's address length is NO_ADDR: no key has it.
+        if bucket.tag != tag
+            || bucket.addr_len as usize != addr.len()
+            || !same(self.addr_of(b as usize), addr)
+        {
+            return None;
+        }
+        Some(BucketRef {
+            index_1: NonZeroU32::new(b.wrapping_add(1))?,
+            generation: bucket.generation,
+        })
     }
 
     /// A reference to bucket `b` as it is now; `None` for NIL.
@@ -1380,6 +1411,37 @@ mod tests {
         );
         assert!(matches!(sliced.store_known(found, 2, 2), Some(Ok(_))));
         assert_eq!(sliced.bucket_len(&k), 2);
+    }
+
+    /// Unsliced, the bucket found last is found again without the key
+    /// only for the same address and tag, and only while it holds them.
+    #[test]
+    fn the_recent_bucket_only_for_its_own_key() {
+        let mut cache = unsliced(1);
+        assert_eq!(cache.recent(A, 0), None);
+        put(&mut cache, &key(A, b""), 1, usize::MAX).unwrap();
+        let a = cache.find_hashed(&key(A, b"")).unwrap();
+        assert_eq!(cache.recent(A, 0), Some(a));
+        assert_eq!(cache.recent(B, 0), None);
+        assert_eq!(cache.recent(A, 1), None);
+        assert_eq!(cache.recent(&A[..7], 0), None);
+        // A's connection evicted, its spare bucket given to B (and a
+        // third key's): not A's any more.
+        put(&mut cache, &key(B, b""), 2, usize::MAX).unwrap();
+        put(
+            &mut cache,
+            &key(&[2, 0, 0, 9, 127, 0, 0, 1], b""),
+            3,
+            usize::MAX,
+        )
+        .unwrap();
+        assert!(!cache.has_bucket(&key(A, b"")));
+        assert_eq!(cache.recent(A, 0), None);
+        // Sliced: never.
+        let mut sliced = IdleCache::new(2, 2, 8).unwrap();
+        sliced.store(&key(A, b""), 1, 1, |_| {}).unwrap();
+        assert!(sliced.find(&key(A, b"")).is_some());
+        assert_eq!(sliced.recent(A, 0), None);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::identity::MAX_ADDR_LEN;
 use crate::identity::{session_stamp, MAX_SESSION_STAMP};
 #[cfg(ngx_feature = "http_ssl")]
 use crate::session;
-use crate::identity_ffi::{protocol, protocol_module, Identity, TlsKey, TlsState};
+use crate::identity_ffi::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
 
 /// Logging kept out of the per-request callbacks: the level is checked
 /// inline, the message is formatted in a cold function. (nginx-sys's macros
@@ -119,6 +119,9 @@ struct PeerData {
     /// rather than an enum: eight bytes fewer of the request pool).
     slice_key: ngx_str_t,
     slice_state: SliceState,
+    /// A plain connection, unsliced (`Plain` and `Unsliced` above): get
+    /// peer's shortest way, told by one byte.
+    plain_unsliced: bool,
     /// What the connection is bound to beyond its socket address: the
     /// bucket tag (the protocol handler, or with `local` the location,
     /// whose handler fixes the protocol), and for TLS the identity of the
@@ -150,6 +153,10 @@ unsafe extern "C" fn no_free_peer(
     _state: ngx_uint_t,
 ) {
 }
+
+// Peer data comes from the request pool, per request: a few bytes more
+// can move the sliced benchmark's pool across a block (see bench-profile).
+const _: () = assert!(size_of::<PeerData>() <= 152);
 
 /// The request's `slice_key`, evaluated once in init peer.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -381,6 +388,7 @@ unsafe extern "C" fn init_peer(
 
         let u = (*r).upstream;
         let pc = ptr::addr_of_mut!((*u).peer);
+        let tls = TlsKey::new(r, u);
         // Every balancer has one: nginx calls it without asking.
         let Some(get) = (*pc).get else {
             return NGX_ERROR;
@@ -399,7 +407,8 @@ unsafe extern "C" fn init_peer(
             } else {
                 protocol(u)
             },
-            tls: TlsKey::new(r, u),
+            plain_unsliced: matches!(tls, TlsKey::Plain) && slice_state == SliceState::Unsliced,
+            tls,
             bucket: None,
             original_get_peer: get,
             original_free_peer: (*pc).free.unwrap_or(no_free_peer),
@@ -507,15 +516,30 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             return rc;
         }
 
-        // Per try: a TLS name may depend on the server chosen.
-        let addr = kp.tls.evaluate(kp.request, kp.upstream, pc);
         let idle = &mut *(*kp.conf).idle;
-        kp.bucket = match addr.and_then(|addr| kp.bucket_key(addr)) {
-            Some(key) => idle.cache.find(&key),
-            None => None,
+        kp.bucket = if kp.plain_unsliced {
+            // A plain connection, unsliced: to the server of the last
+            // request first (a lone server's every request), else by the
+            // key's hash.
+            let addr = sockaddr(pc);
+            match idle.cache.recent(addr, kp.tag) {
+                Some(bucket) => Some(bucket),
+                None => idle.cache.find_hashed(&BucketKey {
+                    addr,
+                    slice: &[],
+                    tag: kp.tag,
+                }),
+            }
+        } else {
+            // Per try: a TLS name may depend on the server chosen.
+            let addr = kp.tls.evaluate(kp.request, kp.upstream, pc);
+            match addr.and_then(|addr| kp.bucket_key(addr)) {
+                Some(key) => idle.cache.find(&key),
+                None => None,
+            }
         };
-        let kp = &*kp;
         let taken = kp.bucket.and_then(|b| idle.cache.take_from(b));
+        let kp = &*kp;
         idle.stats.count(match taken {
             Some(_) => Counter::Reused,
             None => Counter::Missed,
