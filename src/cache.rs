@@ -404,6 +404,15 @@ impl<C: Copy> IdleCache<C> {
         })
     }
 
+    /// [`IdleCache::recent`] and [`IdleCache::take_from`] the bucket at
+    /// once: the bucket, and a connection taken from it.
+    #[inline(always)]
+    pub fn take_recent(&mut self, addr: &[u8], tag: usize) -> Option<(BucketRef, Option<C>)> {
+        let found = self.recent(addr, tag)?;
+        let head = self.buckets.get(found.bucket() as usize)?.head;
+        Some((found, self.unlink_slot(head as usize, false)))
+    }
+
     /// A reference to bucket `b` as it is now; `None` for NIL.
     #[inline(always)]
     fn bucket_ref(&self, b: u32) -> Option<BucketRef> {
@@ -415,7 +424,7 @@ impl<C: Copy> IdleCache<C> {
     }
 
     /// [`IdleCache::take`] from the bucket just found for the key.
-    #[inline]
+    #[inline(always)]
     pub fn take_from(&mut self, found: BucketRef) -> Option<C> {
         let b = found.bucket();
         let bucket = self.buckets.get_mut(b as usize)?;

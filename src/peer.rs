@@ -517,28 +517,34 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         }
 
         let idle = &mut *(*kp.conf).idle;
-        kp.bucket = if kp.plain_unsliced {
+        let taken = if kp.plain_unsliced {
             // A plain connection, unsliced: to the server of the last
             // request first (a lone server's every request), else by the
             // key's hash.
             let addr = sockaddr(pc);
-            match idle.cache.recent(addr, kp.tag) {
-                Some(bucket) => Some(bucket),
-                None => idle.cache.find_hashed(&BucketKey {
-                    addr,
-                    slice: &[],
-                    tag: kp.tag,
-                }),
+            match idle.cache.take_recent(addr, kp.tag) {
+                Some((bucket, taken)) => {
+                    kp.bucket = Some(bucket);
+                    taken
+                }
+                None => {
+                    kp.bucket = idle.cache.find_hashed(&BucketKey {
+                        addr,
+                        slice: &[],
+                        tag: kp.tag,
+                    });
+                    kp.bucket.and_then(|b| idle.cache.take_from(b))
+                }
             }
         } else {
             // Per try: a TLS name may depend on the server chosen.
             let addr = kp.tls.evaluate(kp.request, kp.upstream, pc);
-            match addr.and_then(|addr| kp.bucket_key(addr)) {
+            kp.bucket = match addr.and_then(|addr| kp.bucket_key(addr)) {
                 Some(key) => idle.cache.find(&key),
                 None => None,
-            }
+            };
+            kp.bucket.and_then(|b| idle.cache.take_from(b))
         };
-        let taken = kp.bucket.and_then(|b| idle.cache.take_from(b));
         let kp = &*kp;
         idle.stats.count(match taken {
             Some(_) => Counter::Reused,
