@@ -569,13 +569,15 @@ impl<C: Copy> IdleCache<C> {
     /// bucket `b` and of the LRU list; returns the slot.
     #[inline(always)]
     fn link_slot(&mut self, b: u32, conn: C) -> u32 {
+        // Borrowed apart, as in `unlink_slot`.
+        let slots = &mut *self.slots;
+        let bucket = &mut self.buckets[b as usize];
         let slot = self.free_slot;
-        self.free_slot = self.slots[slot as usize].bucket_next;
-
-        let old_head = self.buckets[b as usize].head;
+        let old_head = bucket.head;
         let lru_head = self.lru_head;
         {
-            let s = &mut self.slots[slot as usize];
+            let s = &mut slots[slot as usize];
+            self.free_slot = s.bucket_next;
             s.conn = Some(conn);
             s.bucket = b;
             s.bucket_prev = NIL;
@@ -583,26 +585,26 @@ impl<C: Copy> IdleCache<C> {
             s.lru_prev = NIL;
             s.lru_next = lru_head;
         }
-        let bucket = &mut self.buckets[b as usize];
-        if old_head != NIL {
-            self.slots[old_head as usize].bucket_prev = slot;
-        } else {
-            bucket.tail = slot;
+        match old_head {
+            NIL => {
+                bucket.tail = slot;
+                if !self.sliced {
+                    // Unsliced, a bucket in use is one holding
+                    // connections. A spare one stays in the spare list,
+                    // which `acquire_bucket` skips it in: a connection that
+                    // leaves and comes back (every request to a lone
+                    // server) moves no bucket between lists.
+                    self.buckets_in_use += 1;
+                }
+            }
+            h => slots[h as usize].bucket_prev = slot,
         }
         bucket.head = slot;
         bucket.count += 1;
-        if old_head == NIL && !self.sliced {
-            // Unsliced, a bucket in use is one holding connections. A spare
-            // one stays in the spare list, which `acquire_bucket` skips it
-            // in: a connection that leaves and comes back (every request
-            // to a lone server) moves no bucket between lists.
-            self.buckets_in_use += 1;
-        }
 
-        if lru_head != NIL {
-            self.slots[lru_head as usize].lru_prev = slot;
-        } else {
-            self.lru_tail = slot;
+        match lru_head {
+            NIL => self.lru_tail = slot,
+            h => slots[h as usize].lru_prev = slot,
         }
         self.lru_head = slot;
         self.len += 1;
@@ -662,47 +664,47 @@ impl<C: Copy> IdleCache<C> {
     /// with its bucket). `None` if there is no such connection.
     #[inline(always)]
     fn unlink_slot(&mut self, slot: usize, closed: bool) -> Option<C> {
-        let s = *self.slots.get(slot)?;
+        // The arrays borrowed apart from the rest: their pointers and
+        // lengths are loaded once, and a bound checked once holds.
+        let slots = &mut *self.slots;
+        let s = *slots.get(slot)?;
         let conn = s.conn?;
         let slot = slot as u32;
 
         match s.lru_prev {
             NIL => self.lru_head = s.lru_next,
-            p => self.slots[p as usize].lru_next = s.lru_next,
+            p => slots[p as usize].lru_next = s.lru_next,
         }
         match s.lru_next {
             NIL => self.lru_tail = s.lru_prev,
-            n => self.slots[n as usize].lru_prev = s.lru_prev,
+            n => slots[n as usize].lru_prev = s.lru_prev,
         }
 
         let b = s.bucket as usize;
         let bucket = &mut self.buckets[b];
-        if s.bucket_prev == NIL {
-            bucket.head = s.bucket_next;
+        match s.bucket_prev {
+            NIL => bucket.head = s.bucket_next,
+            p => slots[p as usize].bucket_next = s.bucket_next,
         }
-        if s.bucket_next == NIL {
-            bucket.tail = s.bucket_prev;
+        match s.bucket_next {
+            NIL => bucket.tail = s.bucket_prev,
+            n => slots[n as usize].bucket_prev = s.bucket_prev,
         }
         bucket.count -= 1;
         let emptied = bucket.count == 0;
-        if s.bucket_prev != NIL {
-            self.slots[s.bucket_prev as usize].bucket_next = s.bucket_next;
-        }
-        if s.bucket_next != NIL {
-            self.slots[s.bucket_next as usize].bucket_prev = s.bucket_prev;
-        }
-        if emptied {
-            self.emptied(b as u32, closed);
-        }
+        let list = bucket.list;
 
         // A free slot is one without a connection; its other links are
         // written when it is stored into again.
-        let free = &mut self.slots[slot as usize];
+        let free = &mut slots[slot as usize];
         free.conn = None;
         free.bucket_next = self.free_slot;
         self.free_slot = slot;
         self.len -= 1;
 
+        if emptied {
+            self.emptied(b as u32, list, closed);
+        }
         Some(conn)
     }
 
@@ -710,14 +712,14 @@ impl<C: Copy> IdleCache<C> {
     /// unsliced, as a spare bucket; sliced, in its list, and in probation,
     /// when its connections were closed rather than taken, it goes first.
     #[inline(always)]
-    fn emptied(&mut self, b: u32, closed: bool) {
+    fn emptied(&mut self, b: u32, list: u8, closed: bool) {
         if !self.sliced {
             // Already there if it was spare before its last connection.
-            if self.buckets[b as usize].list != SPARE {
+            if list != SPARE {
                 self.push_front(b, SPARE);
             }
             self.buckets_in_use -= 1;
-        } else if closed && self.buckets[b as usize].list == PROBATION {
+        } else if closed && list == PROBATION {
             self.move_to_front(b, EMPTY);
         }
     }
