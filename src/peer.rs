@@ -52,6 +52,30 @@ macro_rules! debug_http {
     }};
 }
 
+/// Whether `debug_http!` would log to `log`: for a callback that logs
+/// more than once, checked once (`debug_http_if!`).
+///
+/// # Safety
+/// `log` must be live.
+#[inline(always)]
+unsafe fn debugging(log: *mut ngx_log_t) -> bool {
+    // SAFETY: see above.
+    let level = unsafe { (*log).log_level };
+    ngx::log::DEBUG && ngx::log::check_mask(ngx::log::DebugMask::Http, level)
+}
+
+/// `debug_http!` with the level checked before (`debugging`).
+macro_rules! debug_http_if {
+    ($debugging:expr, $log:expr, $($arg:tt)+) => {{
+        if $debugging {
+            let log: *mut ngx_log_t = $log;
+            cold(|| {
+                ngx_log_debug_mask!(DebugMask::Http, log, $($arg)+);
+            });
+        }
+    }};
+}
+
 /// `ngx_log_error!` out of line, as `debug_http!`.
 macro_rules! log_error {
     ($level:expr, $log:expr, $($arg:tt)+) => {{
@@ -748,10 +772,11 @@ unsafe extern "C" fn free_peer(
     unsafe {
         let kp = &*(data as *const PeerData);
         let log = (*pc).log;
-        debug_http!(log, "free keepalive slice peer");
+        let debug = debugging(log);
+        debug_http_if!(debug, log, "free keepalive slice peer");
 
         if keepable(kp, pc, state) {
-            keep(kp, pc, log);
+            keep(kp, pc, log, debug);
         } else {
             not_kept(kp, pc, state);
         }
@@ -765,18 +790,24 @@ unsafe extern "C" fn free_peer(
 /// # Safety
 /// `pc` holds a keepable connection of the live request of `kp`.
 #[inline(always)]
-unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t) {
+unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t, debug: bool) {
     // SAFETY: see above.
     unsafe {
         let c = (*pc).connection;
         let idle = &mut *(*kp.conf).idle;
-        if !tls_keepable(kp, pc, log) {
-            idle.count(Counter::NotKept(NotKept::Error));
-            return;
-        }
-        let Some(limit) = bucket_limit(kp, log) else {
-            idle.count(Counter::NotKept(NotKept::Error));
-            return;
+        // Plain and unsliced: no TLS identity to check, no bucket limit.
+        let limit = if kp.plain_unsliced {
+            usize::MAX
+        } else {
+            if !tls_keepable(kp, pc, log) {
+                idle.count(Counter::NotKept(NotKept::Error));
+                return;
+            }
+            let Some(limit) = bucket_limit(kp, log) else {
+                idle.count(Counter::NotKept(NotKept::Error));
+                return;
+            };
+            limit
         };
 
         // Into the bucket get peer found, without the key, if it can be;
@@ -803,7 +834,8 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
         };
         idle.count(Counter::Kept);
 
-        debug_http!(
+        debug_http_if!(
+            debug,
             log,
             "free keepalive slice peer: saving connection {:p}: {}",
             c,
