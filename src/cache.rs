@@ -205,7 +205,6 @@ pub struct IdleCache<C> {
     lru_tail: u32,
     free_slot: u32,
     free_bucket: u32,
-    len: usize,
     buckets_in_use: usize,
     /// Buckets stay their keys' when emptied, managed in `lists`.
     sliced: bool,
@@ -289,7 +288,6 @@ impl<C: Copy> IdleCache<C> {
             lru_tail: NIL,
             free_slot: if capacity > 0 { 0 } else { NIL },
             free_bucket: if poolsize > 0 { 0 } else { NIL },
-            len: 0,
             buckets_in_use: 0,
             sliced,
             recent: NIL,
@@ -311,13 +309,21 @@ impl<C: Copy> IdleCache<C> {
             + self.ghosts.len() * size_of::<u32>()
     }
 
-    /// Idle connections held.
+    /// Idle connections held, counted along the LRU list: O(n), for tests
+    /// (the cache keeps no count it does not need).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.len
+        let mut n = 0;
+        let mut slot = self.lru_head;
+        while slot != NIL {
+            n += 1;
+            slot = self.slots[slot as usize].lru_next;
+        }
+        n
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.lru_head == NIL
     }
 
     /// Buckets owned by a key, holding idle connections or not (unsliced:
@@ -469,12 +475,14 @@ impl<C: Copy> IdleCache<C> {
         if bucket.generation != known.generation || self.free_slot == NIL {
             return None;
         }
-        if limit == 0 {
-            return Some(Err(Refusal::ZeroLimit));
-        }
-        // (Unsliced, the limit is the whole cache: not compared.)
-        if limit != usize::MAX && bucket.count as usize >= limit {
-            return Some(Err(Refusal::BucketFull { limit }));
+        // One comparison for both refusals (unsliced, the limit is
+        // usize::MAX: never).
+        if bucket.count as usize >= limit {
+            return Some(Err(if limit == 0 {
+                Refusal::ZeroLimit
+            } else {
+                Refusal::BucketFull { limit }
+            }));
         }
         let list = bucket.list;
         let slot = self.link_slot(b, conn);
@@ -607,7 +615,6 @@ impl<C: Copy> IdleCache<C> {
             h => slots[h as usize].lru_prev = slot,
         }
         self.lru_head = slot;
-        self.len += 1;
         slot
     }
 
@@ -700,7 +707,6 @@ impl<C: Copy> IdleCache<C> {
         free.conn = None;
         free.bucket_next = self.free_slot;
         self.free_slot = slot;
-        self.len -= 1;
 
         if emptied {
             self.emptied(b as u32, list, closed);

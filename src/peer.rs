@@ -533,10 +533,11 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     unsafe {
         let kp = &mut *(data as *mut PeerData);
         debug_http!((*pc).log, "get keepalive slice peer");
-        kp.bucket = None;
 
         let rc = (kp.original_get_peer)(pc, kp.data);
         if rc != NGX_OK {
+            // Free peer stores into no bucket for this try.
+            kp.bucket = None;
             return rc;
         }
 
