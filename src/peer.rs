@@ -7,7 +7,7 @@
 //! (with `local`) taken from the cache.
 
 use core::ffi::c_void;
-use core::ptr;
+use core::ptr::{self, NonNull};
 
 use ngx::core::NgxStr;
 use ngx::ffi::{
@@ -112,7 +112,7 @@ pub struct SlotHandle {
 /// One upstream's idle connections in this worker (the configuration is
 /// copied into each worker by fork, and with it this state).
 pub struct IdleState {
-    cache: IdleCache<*mut ngx_connection_t>,
+    cache: IdleCache<NonNull<ngx_connection_t>>,
     handles: Box<[SlotHandle]>,
     /// This worker's counters for the upstream (the status page).
     pub stats: UpstreamStats,
@@ -571,6 +571,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             kp.bucket.and_then(|b| idle.cache.take_from(b))
         };
         let kp = &*kp;
+        let taken = taken.map(NonNull::as_ptr);
         idle.stats.count(match taken {
             Some(_) => Counter::Reused,
             None => Counter::Missed,
@@ -632,13 +633,18 @@ unsafe fn set_log(c: *mut ngx_connection_t, log: *mut ngx_log_t) {
 /// # Safety
 /// `pc` and `kp` must belong to a live request.
 #[inline(always)]
-unsafe fn keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, state: ngx_uint_t) -> bool {
+unsafe fn keepable(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    state: ngx_uint_t,
+) -> Option<NonNull<ngx_connection_t>> {
     // SAFETY: see above.
     unsafe {
-        let c = (*pc).connection;
-        if state & NGX_PEER_FAILED != 0 || c.is_null() {
-            return false;
+        let conn = NonNull::new((*pc).connection)?;
+        if state & NGX_PEER_FAILED != 0 {
+            return None;
         }
+        let c = conn.as_ptr();
         let u = kp.upstream;
         let (rev, wev) = ((*c).read, (*c).write);
         let kcf = &*kp.conf;
@@ -654,7 +660,7 @@ unsafe fn keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, state: ngx_uin
             // Graceful shutdown must not create new idle connections.
             && ngx_terminate == 0
             && ngx_exiting == 0;
-        usable && ngx_handle_read_event(rev, 0) == NGX_OK
+        (usable && ngx_handle_read_event(rev, 0) == NGX_OK).then_some(conn)
     }
 }
 
@@ -776,8 +782,8 @@ unsafe extern "C" fn free_peer(
         let debug = debugging(log);
         debug_http_if!(debug, log, "free keepalive slice peer");
 
-        if keepable(kp, pc, state) {
-            keep(kp, pc, log, debug);
+        if let Some(conn) = keepable(kp, pc, state) {
+            keep(kp, pc, conn, log, debug);
         } else {
             not_kept(kp, pc, state);
         }
@@ -791,10 +797,16 @@ unsafe extern "C" fn free_peer(
 /// # Safety
 /// `pc` holds a keepable connection of the live request of `kp`.
 #[inline(always)]
-unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t, debug: bool) {
+unsafe fn keep(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    conn: NonNull<ngx_connection_t>,
+    log: *mut ngx_log_t,
+    debug: bool,
+) {
     // SAFETY: see above.
     unsafe {
-        let c = (*pc).connection;
+        let c = conn.as_ptr();
         let idle = &mut *(*kp.conf).idle;
         // Plain and unsliced: no TLS identity to check, no bucket limit.
         let limit = if kp.plain_unsliced {
@@ -813,13 +825,13 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
 
         // Into the bucket get peer found, without the key, if it can be;
         // otherwise by the key, out of line.
-        let slot = match kp.bucket.and_then(|b| idle.cache.store_known(b, c, limit)) {
+        let slot = match kp.bucket.and_then(|b| idle.cache.store_known(b, conn, limit)) {
             Some(Ok(slot)) => slot,
             Some(Err(refusal)) => {
                 refused(kp, idle, log, &refusal);
                 return;
             }
-            None => match store_by_key(kp, pc, idle, limit, log) {
+            None => match store_by_key(kp, pc, conn, idle, limit, log) {
                 Some(slot) => slot,
                 None => return,
             },
@@ -876,14 +888,14 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
 unsafe fn store_by_key(
     kp: &PeerData,
     pc: *mut ngx_peer_connection_t,
+    conn: NonNull<ngx_connection_t>,
     idle: &mut IdleState,
     limit: usize,
     log: *mut ngx_log_t,
 ) -> Option<usize> {
     // SAFETY: see above.
     unsafe {
-        let c = (*pc).connection;
-        let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
+                let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
             idle.count(Counter::NotKept(NotKept::Error));
             return None;
         };
@@ -892,16 +904,16 @@ unsafe fn store_by_key(
         // one when the cache is full, or those of the key whose bucket this
         // key takes.
         let stats = &idle.stats;
-        let evict = |evicted: *mut ngx_connection_t| {
+        let evict = |evicted: NonNull<ngx_connection_t>| {
             debug_http!(
                 log,
                 "keepalive slice: evicting connection {:p}",
                 evicted
             );
             stats.count(Counter::Evicted);
-            close_connection(evicted);
+            close_connection(evicted.as_ptr());
         };
-        let stored = match idle.cache.store_at(kp.bucket, &key, c, limit, evict) {
+        let stored = match idle.cache.store_at(kp.bucket, &key, conn, limit, evict) {
             Ok(stored) => stored,
             Err(refusal) => {
                 refused(kp, idle, log, &refusal);
