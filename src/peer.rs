@@ -12,7 +12,7 @@ use core::ptr::{self, NonNull};
 use ngx::core::NgxStr;
 use ngx::ffi::{
     ngx_close_connection, ngx_conf_t, ngx_connection_t, ngx_current_msec, ngx_cycle, ngx_del_timer,
-    ngx_destroy_pool, ngx_pnalloc, ngx_event_notify_peer_pt,
+    ngx_destroy_pool, ngx_event_free_peer_pt, ngx_event_notify_peer_pt, ngx_pnalloc,
     ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value, ngx_http_core_module, ngx_http_core_srv_conf_t,
     ngx_http_get_flushed_variable, ngx_http_request_t, ngx_http_upstream_srv_conf_t,
     ngx_http_upstream_t, ngx_int_t, ngx_log_t, ngx_palloc, ngx_peer_connection_t, ngx_socket_errno,
@@ -156,10 +156,10 @@ struct PeerData {
     /// into it without looking the key up again (if it still holds it).
     bucket: Option<BucketRef>,
 
-    /// The balancer's get and free (one without free: `no_free_peer`, so
-    /// that the hot path calls without asking).
+    /// The balancer's get (called without asking: every balancer has
+    /// one) and free.
     original_get_peer: GetPeer,
-    original_free_peer: FreePeer,
+    original_free_peer: ngx_event_free_peer_pt,
     original_notify: ngx_event_notify_peer_pt,
     #[cfg(ngx_feature = "http_ssl")]
     original_set_session: ngx_event_set_peer_session_pt,
@@ -168,15 +168,6 @@ struct PeerData {
 }
 
 type GetPeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void) -> ngx_int_t;
-type FreePeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void, ngx_uint_t);
-
-/// A balancer without free peer: nothing to hand back.
-unsafe extern "C" fn no_free_peer(
-    _pc: *mut ngx_peer_connection_t,
-    _data: *mut c_void,
-    _state: ngx_uint_t,
-) {
-}
 
 // Peer data comes from the request pool, per request: a few bytes more
 // can move the sliced benchmark's pool across a block (see bench-profile).
@@ -435,7 +426,7 @@ unsafe extern "C" fn init_peer(
             tls,
             bucket: None,
             original_get_peer: get,
-            original_free_peer: (*pc).free.unwrap_or(no_free_peer),
+            original_free_peer: (*pc).free,
             original_notify: (*pc).notify,
             #[cfg(ngx_feature = "http_ssl")]
             original_set_session: (*pc).set_session,
@@ -788,7 +779,9 @@ unsafe extern "C" fn free_peer(
             not_kept(kp, pc, state);
         }
 
-        (kp.original_free_peer)(pc, kp.data, state);
+        if let Some(free) = kp.original_free_peer {
+            free(pc, kp.data, state);
+        }
     }
 }
 
