@@ -7,7 +7,7 @@ use core::ffi::c_void;
 use core::ptr;
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_http_complex_value_t, ngx_http_upstream_init_peer_pt,
+    ngx_conf_t, ngx_http_complex_value_t, ngx_http_request_t,
     ngx_http_upstream_init_pt, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_msec_t,
     ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t,
 };
@@ -46,6 +46,18 @@ pub struct SliceConf {
     pub keylen: usize,
 }
 
+pub type InitPeer =
+    unsafe extern "C" fn(*mut ngx_http_request_t, *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t;
+
+/// The init peer of a balancer that has none (none of nginx's; nginx's own
+/// module would call a null pointer): the request fails.
+pub unsafe extern "C" fn no_init_peer(
+    _r: *mut ngx_http_request_t,
+    _us: *mut ngx_http_upstream_srv_conf_t,
+) -> ngx_int_t {
+    NGX_ERROR
+}
+
 /// Server (upstream) configuration. The three `ngx_conf_set_*_slot`
 /// fields keep nginx's types so the stock slot setters can fill them.
 pub struct KeepaliveConf {
@@ -60,7 +72,9 @@ pub struct KeepaliveConf {
     pub slice: Option<SliceConf>,
 
     pub original_init_upstream: ngx_http_upstream_init_pt,
-    pub original_init_peer: ngx_http_upstream_init_peer_pt,
+    /// The balancer's init peer (`no_init_peer` until it is known), called
+    /// without asking.
+    pub original_init_peer: InitPeer,
 
     /// The worker's idle cache, created with the configuration and freed
     /// with the cycle's pool.
@@ -78,7 +92,7 @@ impl KeepaliveConf {
             local: false,
             slice: None,
             original_init_upstream: None,
-            original_init_peer: None,
+            original_init_peer: no_init_peer,
             idle: ptr::null_mut(),
         }
     }

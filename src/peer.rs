@@ -24,7 +24,7 @@ use ngx::{ngx_log_debug_mask, ngx_log_error};
 
 use crate::args::parse_number;
 use crate::cache::{boxed_slice, BucketKey, BucketRef, IdleCache, Refusal};
-use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
+use crate::conf::{apply_defaults, free_with_cycle, no_init_peer, srv_conf, KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
 use crate::stats::{Closed, Counter, NotKept, UpstreamStats};
 use crate::variables;
 use crate::identity::MAX_ADDR_LEN;
@@ -274,7 +274,7 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
         let kcf = &mut *srv_conf(us);
         apply_defaults(kcf);
 
-        kcf.original_init_peer = (*us).peer.init;
+        kcf.original_init_peer = (*us).peer.init.unwrap_or(no_init_peer);
         (*us).peer.init = Some(init_peer);
 
         // A bucket stays its key's while the key's connections are busy,
@@ -370,10 +370,7 @@ unsafe extern "C" fn init_peer(
             return NGX_ERROR;
         }
 
-        let Some(init) = (*kcf).original_init_peer else {
-            return NGX_ERROR;
-        };
-        if init(r, us) != NGX_OK {
+        if ((*kcf).original_init_peer)(r, us) != NGX_OK {
             return NGX_ERROR;
         }
 
