@@ -205,7 +205,6 @@ pub struct IdleCache<C> {
     lru_tail: u32,
     free_slot: u32,
     free_bucket: u32,
-    len: usize,
     buckets_in_use: usize,
     /// Buckets stay their keys' when emptied, managed in `lists`.
     sliced: bool,
@@ -289,7 +288,6 @@ impl<C: Copy> IdleCache<C> {
             lru_tail: NIL,
             free_slot: if capacity > 0 { 0 } else { NIL },
             free_bucket: if poolsize > 0 { 0 } else { NIL },
-            len: 0,
             buckets_in_use: 0,
             sliced,
             recent: NIL,
@@ -311,13 +309,21 @@ impl<C: Copy> IdleCache<C> {
             + self.ghosts.len() * size_of::<u32>()
     }
 
-    /// Idle connections held.
+    /// Idle connections held, counted along the LRU list: O(n), for tests
+    /// (the cache keeps no count it does not need).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.len
+        let mut n = 0;
+        let mut slot = self.lru_head;
+        while slot != NIL {
+            n += 1;
+            slot = self.slots[slot as usize].lru_next;
+        }
+        n
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.lru_head == NIL
     }
 
     /// Buckets owned by a key, holding idle connections or not (unsliced:
@@ -366,11 +372,51 @@ impl<C: Copy> IdleCache<C> {
         if recent != NIL && self.holds(recent, key) {
             return self.bucket_ref(recent);
         }
+        self.find_hashed(key)
+    }
+
+    /// [`IdleCache::find`] by the key's hash, without trying the bucket
+    /// found last first (unsliced: after [`IdleCache::take_recent`]).
+    #[inline(always)]
+    pub fn find_hashed(&mut self, key: &BucketKey) -> Option<BucketRef> {
         let b = self.find_bucket(key, self.hash(key));
-        if b != NIL {
+        if b != NIL && !self.sliced {
             self.recent = b;
         }
         self.bucket_ref(b)
+    }
+
+    /// Unsliced, for a key without a slice key: [`IdleCache::find`] when
+    /// the bucket found last is the key's (every request to a lone
+    /// server), without building the key. `None` otherwise: the caller
+    /// then finds the bucket by the whole key ([`IdleCache::find_hashed`]).
+    #[inline(always)]
+    pub fn recent(&self, addr: &[u8], tag: usize) -> Option<BucketRef> {
+        if self.sliced {
+            return None;
+        }
+        let b = self.recent;
+        let bucket = self.buckets.get(b as usize)?;
+        // A free bucket's address length is NO_ADDR: no key has it.
+        if bucket.tag != tag
+            || bucket.addr_len as usize != addr.len()
+            || !same(self.addr_of(b as usize), addr)
+        {
+            return None;
+        }
+        Some(BucketRef {
+            index_1: NonZeroU32::new(b.wrapping_add(1))?,
+            generation: bucket.generation,
+        })
+    }
+
+    /// [`IdleCache::recent`] and [`IdleCache::take_from`] the bucket at
+    /// once: the bucket, and a connection taken from it.
+    #[inline(always)]
+    pub fn take_recent(&mut self, addr: &[u8], tag: usize) -> Option<(BucketRef, Option<C>)> {
+        let found = self.recent(addr, tag)?;
+        let head = self.buckets.get(found.bucket() as usize)?.head;
+        Some((found, self.unlink_slot(head as usize, false)))
     }
 
     /// A reference to bucket `b` as it is now; `None` for NIL.
@@ -384,7 +430,7 @@ impl<C: Copy> IdleCache<C> {
     }
 
     /// [`IdleCache::take`] from the bucket just found for the key.
-    #[inline]
+    #[inline(always)]
     pub fn take_from(&mut self, found: BucketRef) -> Option<C> {
         let b = found.bucket();
         let bucket = self.buckets.get_mut(b as usize)?;
@@ -412,6 +458,40 @@ impl<C: Copy> IdleCache<C> {
         self.store_at(None, key, conn, limit, evicted)
     }
 
+    /// [`IdleCache::store_at`] without the key, in the common case: the
+    /// key still owns bucket `known` (found for it by [`IdleCache::find`])
+    /// and there is a free slot. Returns the slot, or why the connection
+    /// was refused; `None` when the key is needed (the bucket changed keys,
+    /// or room must be made): then `store_at` does all.
+    #[inline(always)]
+    pub fn store_known(
+        &mut self,
+        known: BucketRef,
+        conn: C,
+        limit: usize,
+    ) -> Option<Result<usize, Refusal>> {
+        let b = known.bucket();
+        let bucket = self.buckets.get(b as usize)?;
+        if bucket.generation != known.generation || self.free_slot == NIL {
+            return None;
+        }
+        // One comparison for both refusals (unsliced, the limit is
+        // usize::MAX: never).
+        if bucket.count as usize >= limit {
+            return Some(Err(if limit == 0 {
+                Refusal::ZeroLimit
+            } else {
+                Refusal::BucketFull { limit }
+            }));
+        }
+        let list = bucket.list;
+        let slot = self.link_slot(b, conn);
+        if self.sliced && list == EMPTY {
+            self.move_to_front(b, PROBATION);
+        }
+        Some(Ok(slot as usize))
+    }
+
     /// [`IdleCache::store`], with the bucket `known` found earlier for the
     /// same key (by [`IdleCache::find`] with an equal key: it is not
     /// compared again): if the key still owns it, the key is not looked up
@@ -425,6 +505,13 @@ impl<C: Copy> IdleCache<C> {
         limit: usize,
         mut evicted: impl FnMut(C),
     ) -> Result<Stored, Refusal> {
+        if let Some(done) = known.and_then(|r| self.store_known(r, conn, limit)) {
+            debug_assert!(known.is_some_and(|r| self.holds(r.bucket(), key)));
+            return done.map(|slot| Stored {
+                slot,
+                reclaimed: None,
+            });
+        }
         // A bucket the key still owns: the cache holds connections and the
         // address fits (the key was stored before).
         let owned = known.and_then(|r| {
@@ -462,44 +549,8 @@ impl<C: Copy> IdleCache<C> {
             }
         };
 
-        let slot = self.free_slot;
-        self.free_slot = self.slots[slot as usize].bucket_next;
-
-        let old_head = self.buckets[b as usize].head;
-        let lru_head = self.lru_head;
-        {
-            let s = &mut self.slots[slot as usize];
-            s.conn = Some(conn);
-            s.bucket = b;
-            s.bucket_prev = NIL;
-            s.bucket_next = old_head;
-            s.lru_prev = NIL;
-            s.lru_next = lru_head;
-        }
-        let bucket = &mut self.buckets[b as usize];
-        if old_head != NIL {
-            self.slots[old_head as usize].bucket_prev = slot;
-        } else {
-            bucket.tail = slot;
-        }
-        bucket.head = slot;
-        bucket.count += 1;
-        let list = bucket.list;
-        if old_head == NIL && !self.sliced {
-            // Unsliced, a bucket in use is one holding connections. A spare
-            // one stays in the spare list, which `acquire_bucket` skips it
-            // in: a connection that leaves and comes back (every request
-            // to a lone server) moves no bucket between lists.
-            self.buckets_in_use += 1;
-        }
-
-        if lru_head != NIL {
-            self.slots[lru_head as usize].lru_prev = slot;
-        } else {
-            self.lru_tail = slot;
-        }
-        self.lru_head = slot;
-        self.len += 1;
+        let list = self.buckets[b as usize].list;
+        let slot = self.link_slot(b, conn);
 
         if self.sliced {
             if found == NIL {
@@ -520,6 +571,51 @@ impl<C: Copy> IdleCache<C> {
             slot: slot as usize,
             reclaimed,
         })
+    }
+
+    /// Links `conn` into a free slot (there must be one) at the head of
+    /// bucket `b` and of the LRU list; returns the slot.
+    #[inline(always)]
+    fn link_slot(&mut self, b: u32, conn: C) -> u32 {
+        // Borrowed apart, as in `unlink_slot`.
+        let slots = &mut *self.slots;
+        let bucket = &mut self.buckets[b as usize];
+        let slot = self.free_slot;
+        let old_head = bucket.head;
+        let lru_head = self.lru_head;
+        {
+            let s = &mut slots[slot as usize];
+            self.free_slot = s.bucket_next;
+            s.conn = Some(conn);
+            s.bucket = b;
+            s.bucket_prev = NIL;
+            s.bucket_next = old_head;
+            s.lru_prev = NIL;
+            s.lru_next = lru_head;
+        }
+        match old_head {
+            NIL => {
+                bucket.tail = slot;
+                if !self.sliced {
+                    // Unsliced, a bucket in use is one holding
+                    // connections. A spare one stays in the spare list,
+                    // which `acquire_bucket` skips it in: a connection that
+                    // leaves and comes back (every request to a lone
+                    // server) moves no bucket between lists.
+                    self.buckets_in_use += 1;
+                }
+            }
+            h => slots[h as usize].bucket_prev = slot,
+        }
+        bucket.head = slot;
+        bucket.count += 1;
+
+        match lru_head {
+            NIL => self.lru_tail = slot,
+            h => slots[h as usize].lru_prev = slot,
+        }
+        self.lru_head = slot;
+        slot
     }
 
     /// Removes the connection in `slot` (closed by the backend, timed out,
@@ -575,47 +671,46 @@ impl<C: Copy> IdleCache<C> {
     /// with its bucket). `None` if there is no such connection.
     #[inline(always)]
     fn unlink_slot(&mut self, slot: usize, closed: bool) -> Option<C> {
-        let s = *self.slots.get(slot)?;
+        // The arrays borrowed apart from the rest: their pointers and
+        // lengths are loaded once, and a bound checked once holds.
+        let slots = &mut *self.slots;
+        let s = *slots.get(slot)?;
         let conn = s.conn?;
         let slot = slot as u32;
 
         match s.lru_prev {
             NIL => self.lru_head = s.lru_next,
-            p => self.slots[p as usize].lru_next = s.lru_next,
+            p => slots[p as usize].lru_next = s.lru_next,
         }
         match s.lru_next {
             NIL => self.lru_tail = s.lru_prev,
-            n => self.slots[n as usize].lru_prev = s.lru_prev,
+            n => slots[n as usize].lru_prev = s.lru_prev,
         }
 
         let b = s.bucket as usize;
         let bucket = &mut self.buckets[b];
-        if s.bucket_prev == NIL {
-            bucket.head = s.bucket_next;
+        match s.bucket_prev {
+            NIL => bucket.head = s.bucket_next,
+            p => slots[p as usize].bucket_next = s.bucket_next,
         }
-        if s.bucket_next == NIL {
-            bucket.tail = s.bucket_prev;
+        match s.bucket_next {
+            NIL => bucket.tail = s.bucket_prev,
+            n => slots[n as usize].bucket_prev = s.bucket_prev,
         }
         bucket.count -= 1;
         let emptied = bucket.count == 0;
-        if s.bucket_prev != NIL {
-            self.slots[s.bucket_prev as usize].bucket_next = s.bucket_next;
-        }
-        if s.bucket_next != NIL {
-            self.slots[s.bucket_next as usize].bucket_prev = s.bucket_prev;
-        }
-        if emptied {
-            self.emptied(b as u32, closed);
-        }
+        let list = bucket.list;
 
         // A free slot is one without a connection; its other links are
         // written when it is stored into again.
-        let free = &mut self.slots[slot as usize];
+        let free = &mut slots[slot as usize];
         free.conn = None;
         free.bucket_next = self.free_slot;
         self.free_slot = slot;
-        self.len -= 1;
 
+        if emptied {
+            self.emptied(b as u32, list, closed);
+        }
         Some(conn)
     }
 
@@ -623,14 +718,14 @@ impl<C: Copy> IdleCache<C> {
     /// unsliced, as a spare bucket; sliced, in its list, and in probation,
     /// when its connections were closed rather than taken, it goes first.
     #[inline(always)]
-    fn emptied(&mut self, b: u32, closed: bool) {
+    fn emptied(&mut self, b: u32, list: u8, closed: bool) {
         if !self.sliced {
             // Already there if it was spare before its last connection.
-            if self.buckets[b as usize].list != SPARE {
+            if list != SPARE {
                 self.push_front(b, SPARE);
             }
             self.buckets_in_use -= 1;
-        } else if closed && self.buckets[b as usize].list == PROBATION {
+        } else if closed && list == PROBATION {
             self.move_to_front(b, EMPTY);
         }
     }
@@ -653,8 +748,14 @@ impl<C: Copy> IdleCache<C> {
         (h.0 ^ (h.0 >> 32)) as u32
     }
 
+    /// The slice key as the cache keeps it: cut to `keylen` bytes (none
+    /// unsliced; said first so that code which knows the cache unsliced
+    /// drops the rest).
     #[inline(always)]
     fn cut<'k>(&self, slice: &'k [u8]) -> &'k [u8] {
+        if !self.sliced {
+            return &[];
+        }
         &slice[..slice.len().min(self.keylen)]
     }
 
@@ -673,6 +774,10 @@ impl<C: Copy> IdleCache<C> {
     /// unsliced key, empty, is compared by its length alone.
     #[inline(always)]
     fn same_slice(&self, b: usize, slice: &[u8]) -> bool {
+        // Unsliced, every bucket's slice key is empty, as every key's.
+        if !self.sliced {
+            return true;
+        }
         if slice.is_empty() {
             return self.buckets[b].slice_len == 0;
         }
@@ -717,15 +822,25 @@ impl<C: Copy> IdleCache<C> {
         (self.find_bucket(key, hash), hash)
     }
 
-    /// [`IdleCache::find_bucket`] past bucket `b` of the chain.
+    /// [`IdleCache::find_bucket`] past bucket `b` of the chain: the hashes
+    /// compared in a tight loop, a key only where the hash is the same.
     #[inline(never)]
     fn find_further(&self, mut b: u32, key: &BucketKey, hash: u32) -> u32 {
         loop {
             b = self.buckets[b as usize].chain_next;
-            if b == NIL || self.is_bucket_of(b, key, hash) {
+            if b == NIL || (self.buckets[b as usize].hash == hash && self.has_key(b, key)) {
                 return b;
             }
         }
+    }
+
+    /// [`IdleCache::is_bucket_of`] once the hash is the same, out of line:
+    /// see `find_further`.
+    #[inline(never)]
+    fn has_key(&self, b: u32, key: &BucketKey) -> bool {
+        self.buckets[b as usize].tag == key.tag
+            && same(self.addr_of(b as usize), key.addr)
+            && self.same_slice(b as usize, self.cut(key.slice))
     }
 
     /// Whether bucket `b`, in the table, is the bucket of `key`, whose
@@ -1261,6 +1376,89 @@ mod tests {
         put(&mut cache, &key(B, b""), 4, usize::MAX).unwrap();
         assert_eq!(cache.bucket_len(&key(B, b"")), 1);
         assert_eq!(cache.take(&key(B, b"")), Some(4));
+    }
+
+    /// Free peer stores into the bucket get peer found without the key
+    /// only while the key owns it and a slot is free; otherwise the key is
+    /// needed (`None`), and a refusal is the same as with the key.
+    #[test]
+    fn stores_without_the_key_only_into_the_keys_own_bucket() {
+        let mut cache = unsliced(2);
+        put(&mut cache, &key(A, b""), 1, usize::MAX).unwrap();
+        let a = cache.find(&key(A, b"")).unwrap();
+        assert_eq!(cache.take_from(a), Some(1));
+        assert!(matches!(cache.store_known(a, 1, usize::MAX), Some(Ok(_))));
+        assert_eq!(cache.bucket_len(&key(A, b"")), 1);
+        // Full: room must be made, by the key.
+        put(&mut cache, &key(B, b""), 2, usize::MAX).unwrap();
+        assert_eq!(cache.store_known(a, 3, usize::MAX), None);
+        // A's only connection evicted, its spare bucket then given to C:
+        // the reference is stale.
+        let c = [2, 0, 0, 9, 127, 0, 0, 1];
+        assert_eq!(
+            put(&mut cache, &key(&c, b""), 3, usize::MAX)
+                .unwrap()
+                .evicted,
+            [1]
+        );
+        assert_eq!(cache.take(&key(B, b"")), Some(2));
+        put(&mut cache, &key(B, b""), 2, usize::MAX).unwrap();
+        assert_eq!(cache.take(&key(&c, b"")), Some(3));
+        put(
+            &mut cache,
+            &key(&[2, 0, 0, 8, 127, 0, 0, 1], b""),
+            4,
+            usize::MAX,
+        )
+        .unwrap();
+        assert!(!cache.has_bucket(&key(A, b"")));
+        assert_eq!(cache.store_known(a, 5, usize::MAX), None);
+
+        let mut sliced = IdleCache::new(4, 4, 8).unwrap();
+        let k = key(A, b"k");
+        sliced.store(&k, 1, 1, |_| {}).unwrap();
+        let found = sliced.find(&k).unwrap();
+        assert_eq!(
+            sliced.store_known(found, 2, 0),
+            Some(Err(Refusal::ZeroLimit))
+        );
+        assert_eq!(
+            sliced.store_known(found, 2, 1),
+            Some(Err(Refusal::BucketFull { limit: 1 }))
+        );
+        assert!(matches!(sliced.store_known(found, 2, 2), Some(Ok(_))));
+        assert_eq!(sliced.bucket_len(&k), 2);
+    }
+
+    /// Unsliced, the bucket found last is found again without the key
+    /// only for the same address and tag, and only while it holds them.
+    #[test]
+    fn the_recent_bucket_only_for_its_own_key() {
+        let mut cache = unsliced(1);
+        assert_eq!(cache.recent(A, 0), None);
+        put(&mut cache, &key(A, b""), 1, usize::MAX).unwrap();
+        let a = cache.find_hashed(&key(A, b"")).unwrap();
+        assert_eq!(cache.recent(A, 0), Some(a));
+        assert_eq!(cache.recent(B, 0), None);
+        assert_eq!(cache.recent(A, 1), None);
+        assert_eq!(cache.recent(&A[..7], 0), None);
+        // A's connection evicted, its spare bucket given to B (and a
+        // third key's): not A's any more.
+        put(&mut cache, &key(B, b""), 2, usize::MAX).unwrap();
+        put(
+            &mut cache,
+            &key(&[2, 0, 0, 9, 127, 0, 0, 1], b""),
+            3,
+            usize::MAX,
+        )
+        .unwrap();
+        assert!(!cache.has_bucket(&key(A, b"")));
+        assert_eq!(cache.recent(A, 0), None);
+        // Sliced: never.
+        let mut sliced = IdleCache::new(2, 2, 8).unwrap();
+        sliced.store(&key(A, b""), 1, 1, |_| {}).unwrap();
+        assert!(sliced.find(&key(A, b"")).is_some());
+        assert_eq!(sliced.recent(A, 0), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use core::ffi::c_void;
 use core::ptr;
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_http_complex_value_t, ngx_http_upstream_init_peer_pt,
+    ngx_conf_t, ngx_http_complex_value_t, ngx_http_request_t,
     ngx_http_upstream_init_pt, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_msec_t,
     ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t,
 };
@@ -34,6 +34,9 @@ pub struct SliceConf {
     /// The index of the variable `slice_key` consists of, if it is one
     /// variable alone (`$host`): read directly, as the script would.
     pub key_var: Option<ngx_uint_t>,
+    /// `slice_key` is `$host` alone: its value is read as nginx's own
+    /// `$host` handler reads it, without the variable machinery.
+    pub key_is_host: bool,
     /// `slice_conn`: fixed idle connections per bucket.
     pub conn: Option<usize>,
     /// `slice_dyn`: index of the variable read at free time; wins over conn.
@@ -41,6 +44,18 @@ pub struct SliceConf {
     pub dyn_name: ngx_str_t,
     pub poolsize: usize,
     pub keylen: usize,
+}
+
+pub type InitPeer =
+    unsafe extern "C" fn(*mut ngx_http_request_t, *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t;
+
+/// The init peer of a balancer that has none (none of nginx's; nginx's own
+/// module would call a null pointer): the request fails.
+pub unsafe extern "C" fn no_init_peer(
+    _r: *mut ngx_http_request_t,
+    _us: *mut ngx_http_upstream_srv_conf_t,
+) -> ngx_int_t {
+    NGX_ERROR
 }
 
 /// Server (upstream) configuration. The three `ngx_conf_set_*_slot`
@@ -57,7 +72,9 @@ pub struct KeepaliveConf {
     pub slice: Option<SliceConf>,
 
     pub original_init_upstream: ngx_http_upstream_init_pt,
-    pub original_init_peer: ngx_http_upstream_init_peer_pt,
+    /// The balancer's init peer (`no_init_peer` until it is known), called
+    /// without asking.
+    pub original_init_peer: InitPeer,
 
     /// The worker's idle cache, created with the configuration and freed
     /// with the cycle's pool.
@@ -75,7 +92,7 @@ impl KeepaliveConf {
             local: false,
             slice: None,
             original_init_upstream: None,
-            original_init_peer: None,
+            original_init_peer: no_init_peer,
             idle: ptr::null_mut(),
         }
     }

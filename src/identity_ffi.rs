@@ -168,7 +168,7 @@ impl TlsKey {
 /// # Safety
 /// `pc` must hold the balancer's choice, which outlives `'a`.
 #[inline]
-unsafe fn sockaddr<'a>(pc: *const ngx_peer_connection_t) -> &'a [u8] {
+pub unsafe fn sockaddr<'a>(pc: *const ngx_peer_connection_t) -> &'a [u8] {
     // SAFETY: see above.
     unsafe { core::slice::from_raw_parts((*pc).sockaddr as *const u8, (*pc).socklen as usize) }
 }

@@ -253,6 +253,8 @@ extern "C" fn keepalive_directive(
             },
             None => None,
         };
+        // Variable names are not case-sensitive.
+        let key_is_host = single_variable(slice.key).is_some_and(|name| name.eq_ignore_ascii_case(b"host"));
         let (dyn_index, dyn_name) = match slice.dyn_var {
             Some(name) => match variable_index(cf, name) {
                 Some(found) => (Some(found.0), found.1),
@@ -263,6 +265,7 @@ extern "C" fn keepalive_directive(
         kcf.slice = Some(SliceConf {
             key,
             key_var,
+            key_is_host,
             conn: slice.conn,
             dyn_index,
             dyn_name,

@@ -7,13 +7,13 @@
 //! (with `local`) taken from the cache.
 
 use core::ffi::c_void;
-use core::ptr;
+use core::ptr::{self, NonNull};
 
 use ngx::core::NgxStr;
 use ngx::ffi::{
     ngx_close_connection, ngx_conf_t, ngx_connection_t, ngx_current_msec, ngx_cycle, ngx_del_timer,
-    ngx_destroy_pool, ngx_event_free_peer_pt, ngx_pnalloc, ngx_event_get_peer_pt, ngx_event_notify_peer_pt,
-    ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value,
+    ngx_destroy_pool, ngx_event_free_peer_pt, ngx_event_notify_peer_pt, ngx_pnalloc,
+    ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value, ngx_http_core_module, ngx_http_core_srv_conf_t,
     ngx_http_get_flushed_variable, ngx_http_request_t, ngx_http_upstream_srv_conf_t,
     ngx_http_upstream_t, ngx_int_t, ngx_log_t, ngx_palloc, ngx_peer_connection_t, ngx_socket_errno,
     ngx_str_t, ngx_terminate, ngx_uint_t, NGX_EAGAIN, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
@@ -24,7 +24,7 @@ use ngx::{ngx_log_debug_mask, ngx_log_error};
 
 use crate::args::parse_number;
 use crate::cache::{boxed_slice, BucketKey, BucketRef, IdleCache, Refusal};
-use crate::conf::{apply_defaults, free_with_cycle, srv_conf, KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
+use crate::conf::{apply_defaults, free_with_cycle, no_init_peer, srv_conf, KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
 use crate::stats::{Closed, Counter, NotKept, UpstreamStats};
 use crate::variables;
 use crate::identity::MAX_ADDR_LEN;
@@ -32,7 +32,7 @@ use crate::identity::MAX_ADDR_LEN;
 use crate::identity::{session_stamp, MAX_SESSION_STAMP};
 #[cfg(ngx_feature = "http_ssl")]
 use crate::session;
-use crate::identity_ffi::{protocol, protocol_module, Identity, TlsKey, TlsState};
+use crate::identity_ffi::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
 
 /// Logging kept out of the per-request callbacks: the level is checked
 /// inline, the message is formatted in a cold function. (nginx-sys's macros
@@ -45,6 +45,30 @@ macro_rules! debug_http {
         #[allow(unused_unsafe)]
         let level = unsafe { (*log).log_level };
         if ngx::log::DEBUG && ngx::log::check_mask(ngx::log::DebugMask::Http, level) {
+            cold(|| {
+                ngx_log_debug_mask!(DebugMask::Http, log, $($arg)+);
+            });
+        }
+    }};
+}
+
+/// Whether `debug_http!` would log to `log`: for a callback that logs
+/// more than once, checked once (`debug_http_if!`).
+///
+/// # Safety
+/// `log` must be live.
+#[inline(always)]
+unsafe fn debugging(log: *mut ngx_log_t) -> bool {
+    // SAFETY: see above.
+    let level = unsafe { (*log).log_level };
+    ngx::log::DEBUG && ngx::log::check_mask(ngx::log::DebugMask::Http, level)
+}
+
+/// `debug_http!` with the level checked before (`debugging`).
+macro_rules! debug_http_if {
+    ($debugging:expr, $log:expr, $($arg:tt)+) => {{
+        if $debugging {
+            let log: *mut ngx_log_t = $log;
             cold(|| {
                 ngx_log_debug_mask!(DebugMask::Http, log, $($arg)+);
             });
@@ -88,7 +112,7 @@ pub struct SlotHandle {
 /// One upstream's idle connections in this worker (the configuration is
 /// copied into each worker by fork, and with it this state).
 pub struct IdleState {
-    cache: IdleCache<*mut ngx_connection_t>,
+    cache: IdleCache<NonNull<ngx_connection_t>>,
     handles: Box<[SlotHandle]>,
     /// This worker's counters for the upstream (the status page).
     pub stats: UpstreamStats,
@@ -119,6 +143,9 @@ struct PeerData {
     /// rather than an enum: eight bytes fewer of the request pool).
     slice_key: ngx_str_t,
     slice_state: SliceState,
+    /// A plain connection, unsliced (`Plain` and `Unsliced` above): get
+    /// peer's shortest way, told by one byte.
+    plain_unsliced: bool,
     /// What the connection is bound to beyond its socket address: the
     /// bucket tag (the protocol handler, or with `local` the location,
     /// whose handler fixes the protocol), and for TLS the identity of the
@@ -129,7 +156,9 @@ struct PeerData {
     /// into it without looking the key up again (if it still holds it).
     bucket: Option<BucketRef>,
 
-    original_get_peer: ngx_event_get_peer_pt,
+    /// The balancer's get (called without asking: every balancer has
+    /// one) and free.
+    original_get_peer: GetPeer,
     original_free_peer: ngx_event_free_peer_pt,
     original_notify: ngx_event_notify_peer_pt,
     #[cfg(ngx_feature = "http_ssl")]
@@ -137,6 +166,12 @@ struct PeerData {
     #[cfg(ngx_feature = "http_ssl")]
     original_save_session: ngx_event_save_peer_session_pt,
 }
+
+type GetPeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void) -> ngx_int_t;
+
+// Peer data comes from the request pool, per request: a few bytes more
+// can move the sliced benchmark's pool across a block (see bench-profile).
+const _: () = assert!(size_of::<PeerData>() <= 152);
 
 /// The request's `slice_key`, evaluated once in init peer.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -239,7 +274,7 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
         let kcf = &mut *srv_conf(us);
         apply_defaults(kcf);
 
-        kcf.original_init_peer = (*us).peer.init;
+        kcf.original_init_peer = (*us).peer.init.unwrap_or(no_init_peer);
         (*us).peer.init = Some(init_peer);
 
         // A bucket stays its key's while the key's connections are busy,
@@ -335,10 +370,7 @@ unsafe extern "C" fn init_peer(
             return NGX_ERROR;
         }
 
-        let Some(init) = (*kcf).original_init_peer else {
-            return NGX_ERROR;
-        };
-        if init(r, us) != NGX_OK {
+        if ((*kcf).original_init_peer)(r, us) != NGX_OK {
             return NGX_ERROR;
         }
 
@@ -368,6 +400,11 @@ unsafe extern "C" fn init_peer(
 
         let u = (*r).upstream;
         let pc = ptr::addr_of_mut!((*u).peer);
+        let tls = TlsKey::new(r, u);
+        // Every balancer has one: nginx calls it without asking.
+        let Some(get) = (*pc).get else {
+            return NGX_ERROR;
+        };
         kp.write(PeerData {
             conf: kcf,
             upstream: u,
@@ -382,9 +419,10 @@ unsafe extern "C" fn init_peer(
             } else {
                 protocol(u)
             },
-            tls: TlsKey::new(r, u),
+            plain_unsliced: matches!(tls, TlsKey::Plain) && slice_state == SliceState::Unsliced,
+            tls,
             bucket: None,
-            original_get_peer: (*pc).get,
+            original_get_peer: get,
             original_free_peer: (*pc).free,
             original_notify: (*pc).notify,
             #[cfg(ngx_feature = "http_ssl")]
@@ -421,6 +459,10 @@ unsafe extern "C" fn init_peer(
 unsafe fn evaluate_key(r: *mut ngx_http_request_t, slice: &SliceConf, key: &mut ngx_str_t) -> bool {
     // SAFETY: see above.
     unsafe {
+        if slice.key_is_host {
+            *key = host(r);
+            return true;
+        }
         let Some(index) = slice.key_var else {
             return ngx_http_complex_value(r, slice.key, key) == NGX_OK;
         };
@@ -446,6 +488,32 @@ unsafe fn evaluate_key(r: *mut ngx_http_request_t, slice: &SliceConf, key: &mut 
     }
 }
 
+/// The value of `$host`, read as nginx's own handler of the variable
+/// (`ngx_http_variable_host()`, the same in every release since 0.8)
+/// reads it: the request's validated host name, or the server's name
+/// without one. Not through the variable, whose lookup and flags cost four
+/// times as much (and which nothing else may read in this request); not
+/// copied, as a cacheable variable's value is not.
+///
+/// # Safety
+/// `r` must be live.
+#[inline]
+unsafe fn host(r: *mut ngx_http_request_t) -> ngx_str_t {
+    // SAFETY: see above; a request's srv_conf holds the core module's.
+    unsafe {
+        let server = (*r).headers_in.server;
+        if server.len != 0 {
+            return server;
+        }
+        let cscf = *(*r).srv_conf.add(ngx_http_core_module.ctx_index)
+            as *const ngx_http_core_srv_conf_t;
+        if cscf.is_null() {
+            return ngx_str_t::empty();
+        }
+        (*cscf).server_name
+    }
+}
+
 /// `get peer`: the balancer chooses, then an idle connection to exactly
 /// that choice is reused if there is one.
 unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
@@ -453,25 +521,45 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
     unsafe {
         let kp = &mut *(data as *mut PeerData);
         debug_http!((*pc).log, "get keepalive slice peer");
-        kp.bucket = None;
 
-        let Some(get) = kp.original_get_peer else {
-            return NGX_ERROR;
-        };
-        let rc = get(pc, kp.data);
+        let rc = (kp.original_get_peer)(pc, kp.data);
         if rc != NGX_OK {
+            // Free peer stores into no bucket for this try.
+            kp.bucket = None;
             return rc;
         }
 
-        // Per try: a TLS name may depend on the server chosen.
-        let addr = kp.tls.evaluate(kp.request, kp.upstream, pc);
         let idle = &mut *(*kp.conf).idle;
-        kp.bucket = match addr.and_then(|addr| kp.bucket_key(addr)) {
-            Some(key) => idle.cache.find(&key),
-            None => None,
+        let taken = if kp.plain_unsliced {
+            // A plain connection, unsliced: to the server of the last
+            // request first (a lone server's every request), else by the
+            // key's hash.
+            let addr = sockaddr(pc);
+            match idle.cache.take_recent(addr, kp.tag) {
+                Some((bucket, taken)) => {
+                    kp.bucket = Some(bucket);
+                    taken
+                }
+                None => {
+                    kp.bucket = idle.cache.find_hashed(&BucketKey {
+                        addr,
+                        slice: &[],
+                        tag: kp.tag,
+                    });
+                    kp.bucket.and_then(|b| idle.cache.take_from(b))
+                }
+            }
+        } else {
+            // Per try: a TLS name may depend on the server chosen.
+            let addr = kp.tls.evaluate(kp.request, kp.upstream, pc);
+            kp.bucket = match addr.and_then(|addr| kp.bucket_key(addr)) {
+                Some(key) => idle.cache.find(&key),
+                None => None,
+            };
+            kp.bucket.and_then(|b| idle.cache.take_from(b))
         };
         let kp = &*kp;
-        let taken = kp.bucket.and_then(|b| idle.cache.take_from(b));
+        let taken = taken.map(NonNull::as_ptr);
         idle.stats.count(match taken {
             Some(_) => Counter::Reused,
             None => Counter::Missed,
@@ -526,27 +614,66 @@ unsafe fn set_log(c: *mut ngx_connection_t, log: *mut ngx_log_t) {
     }
 }
 
-/// Why a connection cannot be kept, before the cache is even asked.
+/// Whether the connection can be kept, before the cache is even asked:
+/// the same checks as [`unkeepable`], which says why not (out of line),
+/// and the read event armed.
 ///
 /// # Safety
 /// `pc` and `kp` must belong to a live request.
+#[inline(always)]
+unsafe fn keepable(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    state: ngx_uint_t,
+) -> Option<NonNull<ngx_connection_t>> {
+    // SAFETY: see above.
+    unsafe {
+        let conn = NonNull::new((*pc).connection)?;
+        if state & NGX_PEER_FAILED != 0 {
+            return None;
+        }
+        let c = conn.as_ptr();
+        let u = kp.upstream;
+        let (rev, wev) = ((*c).read, (*c).write);
+        let kcf = &*kp.conf;
+        let usable = (*u).keepalive() != 0
+            && (*rev).eof() == 0
+            && (*rev).error() == 0
+            && (*rev).timedout() == 0
+            && (*wev).error() == 0
+            && (*wev).timedout() == 0
+            && (*c).requests < kcf.requests
+            && ngx_current_msec.wrapping_sub((*c).start_time) <= kcf.time
+            && (*u).request_body_sent() != 0
+            // Graceful shutdown must not create new idle connections.
+            && ngx_terminate == 0
+            && ngx_exiting == 0;
+        (usable && ngx_handle_read_event(rev, 0) == NGX_OK).then_some(conn)
+    }
+}
+
+/// Why [`keepable`] said no: the first of its checks that fails, in the
+/// order the status page counts them, or the read event.
+///
+/// # Safety
+/// As for [`keepable`], called right after it.
 unsafe fn unkeepable(
     kp: &PeerData,
     pc: *mut ngx_peer_connection_t,
     state: ngx_uint_t,
-) -> Option<(NotKept, &'static str)> {
+) -> (NotKept, &'static str) {
     // SAFETY: see above.
     unsafe {
         let c = (*pc).connection;
         if state & NGX_PEER_FAILED != 0 || c.is_null() {
-            return Some((NotKept::Error, "peer failed"));
+            return (NotKept::Error, "peer failed");
         }
         // Before the connection's own state: a backend that answers
         // "Connection: close" often sends its FIN with the response, and
         // its reason is the response, not an error.
         let u = kp.upstream;
         if (*u).keepalive() == 0 {
-            return Some((NotKept::ResponseNotKeepalive, "response not keepalive"));
+            return (NotKept::ResponseNotKeepalive, "response not keepalive");
         }
         let (rev, wev) = ((*c).read, (*c).write);
         if (*rev).eof() != 0
@@ -555,26 +682,42 @@ unsafe fn unkeepable(
             || (*wev).error() != 0
             || (*wev).timedout() != 0
         {
-            return Some((NotKept::Error, "connection error"));
+            return (NotKept::Error, "connection error");
         }
         let kcf = &*kp.conf;
         if (*c).requests >= kcf.requests {
-            return Some((NotKept::Requests, "keepalive_requests reached"));
+            return (NotKept::Requests, "keepalive_requests reached");
         }
         if ngx_current_msec.wrapping_sub((*c).start_time) > kcf.time {
-            return Some((NotKept::Time, "keepalive_time reached"));
+            return (NotKept::Time, "keepalive_time reached");
         }
         if (*u).request_body_sent() == 0 {
-            return Some((NotKept::RequestBodyUnsent, "request body not sent"));
+            return (NotKept::RequestBodyUnsent, "request body not sent");
         }
-        // Graceful shutdown must not create new idle connections.
         if ngx_terminate != 0 || ngx_exiting != 0 {
-            return Some((NotKept::Shutdown, "exiting"));
+            return (NotKept::Shutdown, "exiting");
         }
-        if ngx_handle_read_event(rev, 0) != NGX_OK {
-            return Some((NotKept::Error, "read event"));
-        }
-        None
+        // All else passed: ngx_handle_read_event() failed.
+        (NotKept::Error, "read event")
+    }
+}
+
+/// The connection is not kept: logged and counted.
+///
+/// # Safety
+/// As for [`unkeepable`].
+#[cold]
+#[inline(never)]
+unsafe fn not_kept(kp: &PeerData, pc: *mut ngx_peer_connection_t, state: ngx_uint_t) {
+    // SAFETY: see above.
+    unsafe {
+        let (reason, text) = unkeepable(kp, pc, state);
+        debug_http!(
+            (*pc).log,
+            "free keepalive slice peer: not saving: {}",
+            text
+        );
+        (*(*kp.conf).idle).count(Counter::NotKept(reason));
     }
 }
 
@@ -624,17 +767,13 @@ unsafe extern "C" fn free_peer(
     unsafe {
         let kp = &*(data as *const PeerData);
         let log = (*pc).log;
-        debug_http!(log, "free keepalive slice peer");
+        let debug = debugging(log);
+        debug_http_if!(debug, log, "free keepalive slice peer");
 
-        if let Some((reason, text)) = unkeepable(kp, pc, state) {
-            debug_http!(
-                log,
-                "free keepalive slice peer: not saving: {}",
-                text
-            );
-            (*(*kp.conf).idle).count(Counter::NotKept(reason));
+        if let Some(conn) = keepable(kp, pc, state) {
+            keep(kp, pc, conn, log, debug);
         } else {
-            keep(kp, pc, log);
+            not_kept(kp, pc, state);
         }
 
         if let Some(free) = kp.original_free_peer {
@@ -648,66 +787,58 @@ unsafe extern "C" fn free_peer(
 /// # Safety
 /// `pc` holds a keepable connection of the live request of `kp`.
 #[inline(always)]
-unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t) {
+unsafe fn keep(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    conn: NonNull<ngx_connection_t>,
+    log: *mut ngx_log_t,
+    debug: bool,
+) {
     // SAFETY: see above.
     unsafe {
-        let c = (*pc).connection;
+        let c = conn.as_ptr();
         let idle = &mut *(*kp.conf).idle;
-        if !tls_keepable(kp, pc, log) {
-            idle.count(Counter::NotKept(NotKept::Error));
-            return;
-        }
-        let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
-            idle.count(Counter::NotKept(NotKept::Error));
-            return;
-        };
-        let Some(limit) = bucket_limit(kp, log) else {
-            idle.count(Counter::NotKept(NotKept::Error));
-            return;
-        };
-
-        // Connections pushed out to make room: the least recently stored
-        // one when the cache is full, or those of the key whose bucket this
-        // key takes.
-        let stats = &idle.stats;
-        let evict = |evicted: *mut ngx_connection_t| {
-            debug_http!(
-                log,
-                "keepalive slice: evicting connection {:p}",
-                evicted
-            );
-            stats.count(Counter::Evicted);
-            close_connection(evicted);
-        };
-        let stored = match idle.cache.store_at(kp.bucket, &key, c, limit, evict) {
-            Ok(stored) => stored,
-            Err(refusal) => {
-                log_refusal(log, &refusal, key.slice);
-                idle.count(Counter::NotKept(not_kept_because(&refusal)));
+        // Plain and unsliced: no TLS identity to check, no bucket limit.
+        let limit = if kp.plain_unsliced {
+            usize::MAX
+        } else {
+            if !tls_keepable(kp, pc, log) {
+                idle.count(Counter::NotKept(NotKept::Error));
                 return;
             }
+            let Some(limit) = bucket_limit(kp, log) else {
+                idle.count(Counter::NotKept(NotKept::Error));
+                return;
+            };
+            limit
         };
 
-        if let Some(closed) = stored.reclaimed {
-            debug_http!(
-                log,
-                "keepalive slice: key \"{}\" took the bucket of another key, {} idle connections closed",
-                NgxStr::from_bytes(key.slice),
-                closed
-            );
-        }
+        // Into the bucket get peer found, without the key, if it can be;
+        // otherwise by the key, out of line.
+        let slot = match kp.bucket.and_then(|b| idle.cache.store_known(b, conn, limit)) {
+            Some(Ok(slot)) => slot,
+            Some(Err(refusal)) => {
+                refused(kp, idle, log, &refusal);
+                return;
+            }
+            None => match store_by_key(kp, pc, conn, idle, limit, log) {
+                Some(slot) => slot,
+                None => return,
+            },
+        };
 
         // The cache hands out slots of its own arena, which `handles`
         // mirrors; were that ever broken, the connection is not kept
         // (upstream closes it) rather than the worker stopping.
-        let Some(handle) = idle.handles.get_mut(stored.slot).map(ptr::from_mut) else {
-            idle.cache.remove(stored.slot);
+        let Some(handle) = idle.handles.get_mut(slot).map(ptr::from_mut) else {
+            idle.cache.remove(slot);
             idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
         idle.count(Counter::Kept);
 
-        debug_http!(
+        debug_http_if!(
+            debug,
             log,
             "free keepalive slice peer: saving connection {:p}: {}",
             c,
@@ -735,6 +866,73 @@ unsafe fn keep(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_
             close_handler(rev);
         }
     }
+}
+
+/// [`keep`] by the connection's key: the bucket get peer found is not the
+/// key's any more, or there was none, or room must be made. Returns the
+/// slot, or `None` (logged and counted) when the connection is not kept.
+///
+/// # Safety
+/// As for [`keep`].
+#[inline(never)]
+unsafe fn store_by_key(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    conn: NonNull<ngx_connection_t>,
+    idle: &mut IdleState,
+    limit: usize,
+    log: *mut ngx_log_t,
+) -> Option<usize> {
+    // SAFETY: see above.
+    unsafe {
+                let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
+            idle.count(Counter::NotKept(NotKept::Error));
+            return None;
+        };
+
+        // Connections pushed out to make room: the least recently stored
+        // one when the cache is full, or those of the key whose bucket this
+        // key takes.
+        let stats = &idle.stats;
+        let evict = |evicted: NonNull<ngx_connection_t>| {
+            debug_http!(
+                log,
+                "keepalive slice: evicting connection {:p}",
+                evicted
+            );
+            stats.count(Counter::Evicted);
+            close_connection(evicted.as_ptr());
+        };
+        let stored = match idle.cache.store_at(kp.bucket, &key, conn, limit, evict) {
+            Ok(stored) => stored,
+            Err(refusal) => {
+                refused(kp, idle, log, &refusal);
+                return None;
+            }
+        };
+
+        if let Some(closed) = stored.reclaimed {
+            debug_http!(
+                log,
+                "keepalive slice: key \"{}\" took the bucket of another key, {} idle connections closed",
+                NgxStr::from_bytes(key.slice),
+                closed
+            );
+        }
+        Some(stored.slot)
+    }
+}
+
+/// The cache refused the connection: logged and counted.
+#[cold]
+#[inline(never)]
+fn refused(kp: &PeerData, idle: &mut IdleState, log: *mut ngx_log_t, refusal: &Refusal) {
+    let slice = match kp.slice_state {
+        SliceState::Key => kp.slice_key.as_bytes(),
+        _ => &[],
+    };
+    log_refusal(log, refusal, slice);
+    idle.count(Counter::NotKept(not_kept_because(refusal)));
 }
 
 /// The status page's reason for a refusal of the cache.

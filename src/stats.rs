@@ -265,22 +265,29 @@ impl Entry {
     }
 }
 
+/// Where an upstream counts before it has a slot of its own (the master
+/// while it reads the configuration, or no zone): counts nobody reads. A
+/// block rather than no block at all: the hot path counts without asking.
+static UNATTACHED: WorkerCounters = WorkerCounters {
+    values: [const { AtomicU64::new(0) }; VALUES],
+};
+
 /// The counting side of one upstream in one worker: process-local, kept
 /// beside the worker's idle cache.
 #[derive(Debug)]
 pub struct UpstreamStats {
     entry: Option<Entry>,
-    /// This worker's block, from `start_worker` on.
-    mine: Option<NonNull<WorkerCounters>>,
+    /// This worker's block, from `start_worker` on; `UNATTACHED` before.
+    mine: NonNull<WorkerCounters>,
     /// Buckets in use as this worker last published them.
     published_buckets: usize,
 }
 
 impl UpstreamStats {
-    pub const fn new() -> Self {
+    pub fn new() -> Self {
         UpstreamStats {
             entry: None,
-            mine: None,
+            mine: NonNull::from(&UNATTACHED),
             published_buckets: 0,
         }
     }
@@ -296,26 +303,25 @@ impl UpstreamStats {
 
     /// Picks this worker's slot (each worker, when it starts).
     pub fn start_worker(&mut self, worker: usize) {
-        self.mine = self.entry.map(|entry| NonNull::from(entry.slot(worker)));
+        self.mine = match self.entry {
+            Some(entry) => NonNull::from(entry.slot(worker)),
+            None => NonNull::from(&UNATTACHED),
+        };
     }
 
     /// Counts one event.
     #[inline]
     pub fn count(&self, counter: Counter) {
-        if let Some(mine) = self.mine {
-            // SAFETY: `mine` points into the entry's live shared memory.
-            unsafe { mine.as_ref() }.add(counter.index(), 1);
-        }
+        // SAFETY: `mine` points into the entry's live shared memory, or
+        // at `UNATTACHED`.
+        unsafe { self.mine.as_ref() }.add(counter.index(), 1);
     }
 
     /// Counts one event and publishes the worker's buckets in use.
     #[inline]
     pub fn count_with_buckets(&mut self, counter: Counter, buckets: usize) {
-        let Some(mine) = self.mine else {
-            return;
-        };
         // SAFETY: as in `count`.
-        let mine = unsafe { mine.as_ref() };
+        let mine = unsafe { self.mine.as_ref() };
         mine.add(counter.index(), 1);
         if buckets != self.published_buckets {
             let delta = (buckets as u64).wrapping_sub(self.published_buckets as u64);
@@ -727,7 +733,7 @@ mod tests {
             w.attach(entry);
             w.start_worker(n);
         }
-        // No entry: counting is a no-op.
+        // No entry: counted nowhere that is read.
         idle.count(Counter::Kept);
 
         w0.count(Counter::Missed);

@@ -129,7 +129,7 @@ $t->run_daemon(\&http_backend, port($_), log => "$d/b$_.log") for @ports;
 $t->run();
 $t->waitforsocket('127.0.0.1:' . port($_)) for @ports;
 
-$t->plan(21);
+$t->plan(23);
 
 ###############################################################################
 
@@ -246,5 +246,14 @@ like($t->read_file('error.log'),
 	'recording switched on by the configuration');
 is(() = $t->read_file('error.log') =~ /keepalive slice: try \d+ recorded/g,
 	30 + 6 + 1 + 2 + 1, 'a record per try of ours');
+
+# slice_key=$host is $host's value as nginx makes it: the Host header
+# lowercased and without its port, or without one (HTTP/1.0) the server's
+# name.
+
+$r = http_get_host('B.Example:8080', '/host/x');
+is(hdr($r, 'X-Key'), '[b.example]', '$host key: the host name of the Host header');
+$r = http("GET /host/x HTTP/1.0\r\n\r\n");
+is(hdr($r, 'X-Key'), '[localhost]', '$host key: the server name without a Host header');
 
 ###############################################################################
