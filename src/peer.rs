@@ -885,7 +885,7 @@ unsafe fn store_by_key(
 ) -> Option<usize> {
     // SAFETY: see above.
     unsafe {
-                let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
+        let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
             idle.count(Counter::NotKept(NotKept::Error));
             return None;
         };
