@@ -43,8 +43,7 @@ macro_rules! debug_http {
         let log: *mut ngx_log_t = $log;
         // SAFETY: callers pass a live log.
         #[allow(unused_unsafe)]
-        let level = unsafe { (*log).log_level };
-        if ngx::log::DEBUG && ngx::log::check_mask(ngx::log::DebugMask::Http, level) {
+        if unsafe { debugging(log) } {
             cold(|| {
                 ngx_log_debug_mask!(DebugMask::Http, log, $($arg)+);
             });
