@@ -2,8 +2,11 @@
 #
 #   make build   objs/nginx (the vendored nginx 1.28.3, --with-compat --with-debug)
 #                and objs/ngx_http_upstream_keepalive_slice_module.so built against it
-#   make test    unit tests, then the Test::Nginx suites in t/ against objs/
-#   make check   cargo fmt --check and cargo clippy -D warnings
+#   make test    unit tests of the core crate, then the Test::Nginx suites in t/
+#                against objs/
+#   make unit    the core crate's unit tests alone (no nginx, no libclang)
+#   make check   rustfmt --check of every .rs file in the repository and
+#                cargo clippy -D warnings on the workspace
 #   make demo    real Apache mpm-itk behind stock-style and sliced keepalive
 #   make bench   wrk throughput, stock keepalive vs. this module
 #   make test-without-stock   the suites against nginx built without the stock module
@@ -77,8 +80,9 @@ build:
 		&& mv -f objs/$(MODULE).so.tmp objs/$(MODULE).so
 	@objs/nginx -V 2>&1 | head -n 1
 
+# The pure core alone: its tests build neither nginx nor bindgen.
 unit:
-	$(CARGO) test $(CARGO_FLAGS) --lib
+	$(CARGO) test --release -p keepalive-slice-core
 
 # The Test::Nginx the suites use: ours (t/lib), or with TEST_NGINX_LIB=DIR
 # nginx's own library from DIR ahead of it (t/lib/Test/Nginx/*.pm, this
@@ -205,9 +209,15 @@ test-nginx-build: deps
 	TEST_NGINX_GLOBALS="$(ROOT_GLOBALS)" \
 	PERL5LIB=$(TEST_PERL5LIB) prove -j$(PROVE_JOBS) $(ADDON_SMOKE)
 
+# Every .rs file git knows (or would add), not only those cargo reaches
+# through a crate's module tree: a file rustfmt cannot see through cargo
+# fails here too.
+RUST_FILES = $(shell git ls-files --cached --others --exclude-standard '*.rs')
+
 check:
-	$(CARGO) fmt --check
-	$(CARGO) clippy $(CARGO_FLAGS) --all-targets -- -D warnings
+	$(CARGO) fmt --all --check
+	rustfmt --check --config-path rustfmt.toml $(RUST_FILES)
+	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
 
 demo: deps deps-demo build
 	perl demo/demo.pl

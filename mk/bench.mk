@@ -7,7 +7,7 @@
 #                       (~7 min; BENCH_ROUNDS, BENCH_DURATION, ... in
 #                       bench/bench.pl)
 #   make bench-micro    ns per get+free pair of the idle cache at N = 16,
-#                       1024, 65536 (benches/cache.rs, ~10 s once built)
+#                       1024, 65536 (core/benches/cache.rs, ~10 s once built)
 #   make bench-profile  callgrind instructions per request, ours vs stock
 #                       (bench/profile.pl, ~2 min)
 #   make bench-flood    busy Hosts beside a trickle and a flood of random Host
@@ -22,7 +22,7 @@ bench: deps deps-bench build
 	perl bench/bench.pl
 
 bench-micro:
-	$(CARGO) bench $(filter-out --release,$(CARGO_FLAGS)) --bench cache
+	$(CARGO) bench -p keepalive-slice-core --bench cache
 
 bench-profile: deps build
 	@sh .ci/packages valgrind

@@ -1,22 +1,22 @@
-//! The configuration of an upstream served by this module: the types the
-//! directives fill, their defaults, and the lookup from an upstream to its
-//! configuration. `module` (the directives) and `peer` (the callbacks) both
-//! depend on this file and not on each other's internals.
+//! The module's configuration: what the directives fill in for an upstream
+//! (`KeepaliveConf`), and what the status page and the variables need
+//! across upstreams (`MainConf`), with their defaults.
 
-use core::ffi::c_void;
 use core::ptr;
 
+use ngx::core::Status;
 use ngx::ffi::{
-    ngx_conf_t, ngx_http_complex_value_t, ngx_http_request_t,
-    ngx_http_upstream_init_pt, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_msec_t,
-    ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t,
+    ngx_http_complex_value_t, ngx_http_request_t, ngx_http_upstream_init_pt,
+    ngx_http_upstream_srv_conf_t, ngx_http_variable_t, ngx_int_t, ngx_msec_t, ngx_str_t,
+    ngx_uint_t,
 };
 
-use crate::module::ngx_http_upstream_keepalive_slice_module;
-use crate::peer::IdleState;
+use keepalive_slice_core::stats::Geometry;
 
-pub const NGX_OK: ngx_int_t = ngx::ffi::NGX_OK as ngx_int_t;
-pub const NGX_ERROR: ngx_int_t = ngx::ffi::NGX_ERROR as ngx_int_t;
+use crate::idle::IdleState;
+
+/// nginx's `NGX_CONF_UNSET_UINT` and `NGX_CONF_UNSET_MSEC`, which the
+/// bindings do not carry: what the slot setters find unset.
 pub const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
 pub const NGX_CONF_UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
 
@@ -51,11 +51,14 @@ pub type InitPeer =
 
 /// The init peer of a balancer that has none (none of nginx's; nginx's own
 /// module would call a null pointer): the request fails.
+///
+/// # Safety
+/// Never dereferences its arguments.
 pub unsafe extern "C" fn no_init_peer(
     _r: *mut ngx_http_request_t,
     _us: *mut ngx_http_upstream_srv_conf_t,
 ) -> ngx_int_t {
-    NGX_ERROR
+    Status::NGX_ERROR.0
 }
 
 /// Server (upstream) configuration. The three `ngx_conf_set_*_slot`
@@ -96,57 +99,49 @@ impl KeepaliveConf {
             idle: ptr::null_mut(),
         }
     }
-}
 
-
-/// The configuration of upstream `us` (ours, whether or not `keepalive`
-/// was written in it).
-///
-/// # Safety
-/// `us` must be a live upstream of the current cycle.
-pub unsafe fn srv_conf(us: *mut ngx_http_upstream_srv_conf_t) -> *mut KeepaliveConf {
-    // SAFETY: srv_conf is indexed by ctx_index, as for every http module.
-    unsafe {
-        *(*us)
-            .srv_conf
-            .add(ngx_http_upstream_keepalive_slice_module.ctx_index) as *mut KeepaliveConf
-    }
-}
-
-/// Fills in the defaults of the `keepalive_*` directives, as nginx does when
-/// the upstream is initialised.
-pub fn apply_defaults(kcf: &mut KeepaliveConf) {
-    if kcf.requests == NGX_CONF_UNSET_UINT {
-        kcf.requests = DEFAULT_REQUESTS;
-    }
-    if kcf.time == NGX_CONF_UNSET_MSEC {
-        kcf.time = DEFAULT_TIME;
-    }
-    if kcf.timeout == NGX_CONF_UNSET_MSEC {
-        kcf.timeout = DEFAULT_TIMEOUT;
-    }
-}
-
-/// Registers `drop` of a boxed value with the configuration pool, so the
-/// value is freed with the cycle (reloads do not leak).
-///
-/// # Safety
-/// `cf` must be the live configuration.
-pub unsafe fn free_with_cycle<T>(cf: *mut ngx_conf_t, value: Box<T>) -> Option<*mut T> {
-    unsafe extern "C" fn drop_boxed<T>(data: *mut c_void) {
-        // SAFETY: data came from Box::into_raw below and is dropped once.
-        drop(unsafe { Box::from_raw(data as *mut T) });
-    }
-
-    // SAFETY: the cleanup entry is owned by the pool.
-    unsafe {
-        let cln = ngx_pool_cleanup_add((*cf).pool, 0);
-        if cln.is_null() {
-            return None;
+    /// Fills in the defaults of the `keepalive_*` directives, as nginx does
+    /// when the upstream is initialised.
+    pub fn apply_defaults(&mut self) {
+        if self.requests == NGX_CONF_UNSET_UINT {
+            self.requests = DEFAULT_REQUESTS;
         }
-        let raw = Box::into_raw(value);
-        (*cln).handler = Some(drop_boxed::<T>);
-        (*cln).data = raw.cast();
-        Some(raw)
+        if self.time == NGX_CONF_UNSET_MSEC {
+            self.time = DEFAULT_TIME;
+        }
+        if self.timeout == NGX_CONF_UNSET_MSEC {
+            self.timeout = DEFAULT_TIMEOUT;
+        }
+    }
+}
+
+/// An upstream this module serves, as the report names it.
+pub struct Served {
+    pub name: Vec<u8>,
+    pub idle: *mut IdleState,
+}
+
+/// The module's http main configuration: what the status page and the
+/// variables need across upstreams, for one cycle.
+pub struct MainConf {
+    pub served: Vec<Served>,
+    /// The layout of the counters' zone, planned at postconfiguration.
+    pub geometry: Geometry,
+    /// `$upstream_keepalive_*` as nginx registered them (set in
+    /// preconfiguration, read once the configuration is complete).
+    pub variables: Vec<*mut ngx_http_variable_t>,
+}
+
+impl MainConf {
+    pub fn new() -> Self {
+        MainConf {
+            served: Vec::new(),
+            geometry: Geometry {
+                capacity: 0,
+                slots: 1,
+                arena: 0,
+            },
+            variables: Vec::new(),
+        }
     }
 }

@@ -9,131 +9,38 @@
 use core::ffi::c_void;
 use core::ptr::{self, NonNull};
 
-use ngx::core::NgxStr;
+use ngx::core::{NgxStr, Status};
 use ngx::ffi::{
-    ngx_close_connection, ngx_conf_t, ngx_connection_t, ngx_current_msec, ngx_cycle, ngx_del_timer,
-    ngx_destroy_pool, ngx_event_free_peer_pt, ngx_event_notify_peer_pt, ngx_pnalloc,
-    ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value, ngx_http_core_module, ngx_http_core_srv_conf_t,
-    ngx_http_get_flushed_variable, ngx_http_request_t, ngx_http_upstream_srv_conf_t,
-    ngx_http_upstream_t, ngx_int_t, ngx_log_t, ngx_palloc, ngx_peer_connection_t, ngx_socket_errno,
-    ngx_str_t, ngx_terminate, ngx_uint_t, NGX_EAGAIN, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
+    ngx_conf_t, ngx_connection_t, ngx_current_msec, ngx_event_free_peer_pt,
+    ngx_event_notify_peer_pt, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value,
+    ngx_http_core_module, ngx_http_core_srv_conf_t, ngx_http_get_flushed_variable,
+    ngx_http_request_t, ngx_http_upstream_srv_conf_t, ngx_http_upstream_t, ngx_int_t, ngx_log_t,
+    ngx_palloc, ngx_peer_connection_t, ngx_pnalloc, ngx_str_t, ngx_terminate, ngx_uint_t,
+    NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
 };
 #[cfg(ngx_feature = "http_ssl")]
-use ngx::ffi::{ngx_event_save_peer_session_pt, ngx_event_set_peer_session_pt, ngx_ssl_shutdown};
-use ngx::{ngx_log_debug_mask, ngx_log_error};
+use ngx::ffi::{ngx_event_save_peer_session_pt, ngx_event_set_peer_session_pt};
+use ngx::http::HttpModuleServerConf;
 
-use crate::args::parse_number;
-use crate::cache::{boxed_slice, BucketKey, BucketRef, IdleCache, Refusal};
-use crate::conf::{apply_defaults, free_with_cycle, no_init_peer, srv_conf, KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
-use crate::stats::{Closed, Counter, NotKept, UpstreamStats};
-use crate::variables;
-use crate::identity::MAX_ADDR_LEN;
+use keepalive_slice_core::args::parse_number;
+use keepalive_slice_core::cache::{BucketKey, BucketRef, Refusal};
+use keepalive_slice_core::identity::MAX_ADDR_LEN;
 #[cfg(ngx_feature = "http_ssl")]
-use crate::identity::{session_stamp, MAX_SESSION_STAMP};
+use keepalive_slice_core::identity::{session_stamp, MAX_SESSION_STAMP};
+use keepalive_slice_core::stats::{Counter, NotKept};
+
+use crate::conf::{no_init_peer, KeepaliveConf, SliceConf};
+use crate::idle::{self, close_connection, IdleState};
+use crate::log::{debug_http, debug_http_if, debugging, log_error};
+use crate::module::{allocate, Module};
 #[cfg(ngx_feature = "http_ssl")]
 use crate::session;
-use crate::identity_ffi::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
-
-/// Logging kept out of the per-request callbacks: the level is checked
-/// inline, the message is formatted in a cold function. (nginx-sys's macros
-/// format in place, into a 2 KiB buffer: inlined into a callback, each
-/// adds its code and registers to the path every request takes.)
-macro_rules! debug_http {
-    ($log:expr, $($arg:tt)+) => {{
-        let log: *mut ngx_log_t = $log;
-        // SAFETY: callers pass a live log.
-        #[allow(unused_unsafe)]
-        if unsafe { debugging(log) } {
-            cold(|| {
-                ngx_log_debug_mask!(DebugMask::Http, log, $($arg)+);
-            });
-        }
-    }};
-}
-
-/// Whether `debug_http!` would log to `log`: for a callback that logs
-/// more than once, checked once (`debug_http_if!`).
-///
-/// # Safety
-/// `log` must be live.
-#[inline(always)]
-unsafe fn debugging(log: *mut ngx_log_t) -> bool {
-    // SAFETY: see above.
-    let level = unsafe { (*log).log_level };
-    ngx::log::DEBUG && ngx::log::check_mask(ngx::log::DebugMask::Http, level)
-}
-
-/// `debug_http!` with the level checked before (`debugging`).
-macro_rules! debug_http_if {
-    ($debugging:expr, $log:expr, $($arg:tt)+) => {{
-        if $debugging {
-            let log: *mut ngx_log_t = $log;
-            cold(|| {
-                ngx_log_debug_mask!(DebugMask::Http, log, $($arg)+);
-            });
-        }
-    }};
-}
-
-/// `ngx_log_error!` out of line, as `debug_http!`.
-macro_rules! log_error {
-    ($level:expr, $log:expr, $($arg:tt)+) => {{
-        let log: *mut ngx_log_t = $log;
-        // SAFETY: callers pass a live log.
-        #[allow(unused_unsafe)]
-        let level = unsafe { (*log).log_level };
-        if ($level as ngx_uint_t) <= level {
-            cold(|| {
-                ngx_log_error!($level, log, $($arg)+);
-            });
-        }
-    }};
-}
-
-/// Runs `f` out of line (see `debug_http!`).
-#[cold]
-#[inline(never)]
-fn cold(f: impl FnOnce()) {
-    f()
-}
-
-const NGX_DONE: ngx_int_t = ngx::ffi::NGX_DONE as ngx_int_t;
-const NGX_AGAIN: ngx_int_t = ngx::ffi::NGX_AGAIN as ngx_int_t;
-const NGX_PEER_FAILED: ngx_uint_t = ngx::ffi::NGX_PEER_FAILED as ngx_uint_t;
-
-/// Where an idle connection sits: `c->data` of an idle connection points
-/// at its handle, so the close handler finds its slot without a search.
-pub struct SlotHandle {
-    idle: *mut IdleState,
-    slot: usize,
-}
-
-/// One upstream's idle connections in this worker (the configuration is
-/// copied into each worker by fork, and with it this state).
-pub struct IdleState {
-    cache: IdleCache<NonNull<ngx_connection_t>>,
-    handles: Box<[SlotHandle]>,
-    /// This worker's counters for the upstream (the status page).
-    pub stats: UpstreamStats,
-    /// The configuration uses `$upstream_keepalive_*`: record each try.
-    pub log_tries: bool,
-    /// Random, per upstream and configuration: part of the stamp of the
-    /// TLS sessions saved through this upstream (see `session`).
-    session_nonce: u64,
-}
-
-impl IdleState {
-    /// Counts an event that may have changed the buckets in use.
-    #[inline]
-    fn count(&mut self, counter: Counter) {
-        self.stats
-            .count_with_buckets(counter, self.cache.buckets_in_use());
-    }
-}
+use crate::tls::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
+use crate::variables;
 
 /// Per-request peer data, from the request pool.
 struct PeerData {
-    conf: *mut KeepaliveConf,
+    conf: *const KeepaliveConf,
     upstream: *mut ngx_http_upstream_t,
     request: *mut ngx_http_request_t,
     /// The wrapped balancer's own data.
@@ -165,6 +72,9 @@ struct PeerData {
     #[cfg(ngx_feature = "http_ssl")]
     original_save_session: ngx_event_save_peer_session_pt,
 }
+
+/// nginx's `NGX_PEER_FAILED`, in the type of free peer's `state`.
+const NGX_PEER_FAILED: ngx_uint_t = ngx::ffi::NGX_PEER_FAILED as ngx_uint_t;
 
 type GetPeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void) -> ngx_int_t;
 
@@ -241,6 +151,9 @@ impl PeerData {
 
 /// `init_upstream` of an upstream with a `keepalive` line: the balancer's
 /// own `init_upstream` first, then the cache in front of it.
+///
+/// # Safety
+/// nginx calls it with the live configuration and an upstream of it.
 pub unsafe extern "C" fn init_upstream(
     cf: *mut ngx_conf_t,
     us: *mut ngx_http_upstream_srv_conf_t,
@@ -249,11 +162,12 @@ pub unsafe extern "C" fn init_upstream(
     unsafe {
         debug_http!((*cf).log, "init keepalive slice");
 
-        let Some(init) = (*srv_conf(us)).original_init_upstream else {
-            return NGX_ERROR;
+        let Some(init) = Module::server_conf(&*us).and_then(|kcf| kcf.original_init_upstream)
+        else {
+            return Status::NGX_ERROR.0;
         };
-        if init(cf, us) != NGX_OK {
-            return NGX_ERROR;
+        if init(cf, us) != Status::NGX_OK.0 {
+            return Status::NGX_ERROR.0;
         }
         init_keepalive(cf, us)
     }
@@ -261,17 +175,22 @@ pub unsafe extern "C" fn init_upstream(
 
 /// Puts the idle cache in front of an upstream whose balancer is already
 /// initialised: wraps its `peer.init` and creates the cache. Called by
-/// `init_upstream` above, and by the module's `init_main_conf` for the
-/// upstreams without `keepalive` that nginx 1.29.7+ would cache by default.
+/// `init_upstream` above, and at `init_main_conf` for the upstreams
+/// without `keepalive` that nginx 1.29.7+ would cache by default.
 ///
 /// # Safety
 /// `cf` is the live configuration, `us` an upstream of it whose
 /// `peer.init` is set and whose conf of this module is filled in.
-pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv_conf_t) -> ngx_int_t {
+pub unsafe fn init_keepalive(
+    cf: *mut ngx_conf_t,
+    us: *mut ngx_http_upstream_srv_conf_t,
+) -> ngx_int_t {
     // SAFETY: see above.
     unsafe {
-        let kcf = &mut *srv_conf(us);
-        apply_defaults(kcf);
+        let Some(kcf) = Module::server_conf_mut(&*us) else {
+            return Status::NGX_ERROR.0;
+        };
+        kcf.apply_defaults();
 
         kcf.original_init_peer = (*us).peer.init.unwrap_or(no_init_peer);
         (*us).peer.init = Some(init_peer);
@@ -282,23 +201,12 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
         // all busy, and one for a new key. A larger slice_poolsize
         // allocates no more.
         let most_useful = kcf.max_cached.saturating_mul(2).saturating_add(1);
-        let (poolsize, keylen, cache) = match &kcf.slice {
-            Some(slice) => {
-                let poolsize = slice.poolsize.min(most_useful);
-                let cache = IdleCache::new(kcf.max_cached, poolsize, slice.keylen);
-                (poolsize, slice.keylen, cache)
-            }
-            None => (
-                kcf.max_cached.saturating_add(1),
-                0,
-                IdleCache::unsliced(kcf.max_cached),
-            ),
-        };
-        let handles = boxed_slice(kcf.max_cached, |slot| SlotHandle {
-            idle: ptr::null_mut(),
-            slot,
-        });
-        let (Some(cache), Some(handles)) = (cache, handles) else {
+        let sliced = kcf
+            .slice
+            .as_ref()
+            .map(|slice| (slice.poolsize.min(most_useful), slice.keylen));
+        let (poolsize, keylen) = sliced.unwrap_or((kcf.max_cached.saturating_add(1), 0));
+        let Some(state) = IdleState::new(kcf.max_cached, sliced) else {
             log_error!(
                 NGX_LOG_EMERG,
                 (*cf).log,
@@ -308,7 +216,7 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
                 poolsize,
                 keylen
             );
-            return NGX_ERROR;
+            return Status::NGX_ERROR.0;
         };
         debug_http!(
             (*cf).log,
@@ -316,41 +224,15 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
             kcf.max_cached,
             poolsize,
             keylen,
-            cache.memory_bytes() + handles.len() * size_of::<SlotHandle>()
+            state.memory_bytes()
         );
-        let state = IdleState {
-            cache,
-            handles,
-            stats: UpstreamStats::new(),
-            log_tries: false,
-            session_nonce: random_nonce(),
+        let Some(idle) = allocate((*cf).pool, state) else {
+            return Status::NGX_ERROR.0;
         };
-        let Some(idle) = free_with_cycle(cf, Box::new(state)) else {
-            return NGX_ERROR;
-        };
-        for handle in (*idle).handles.iter_mut() {
-            handle.idle = idle;
-        }
+        IdleState::bind_handles(idle);
         kcf.idle = idle;
     }
-    NGX_OK
-}
-
-/// 64 random bits from the kernel. Not from std's `RandomState`: its keys
-/// live in a thread-local, and the first use of the module's dynamic TLS
-/// makes LeakSanitizer's thread scan crash at exit in a dlopen()ed module
-/// (seen on nginx 1.31.4, "DTLS ... Tracer caught signal 11").
-fn random_nonce() -> u64 {
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n == bytes.len() as isize {
-        return u64::from_ne_bytes(bytes);
-    }
-    // No getrandom(2) (Linux before 3.17): the nonce only has to differ
-    // between configurations, which time and process do well enough.
-    // SAFETY: reading nginx's clock and process id, set at start.
-    unsafe { (ngx_current_msec as u64).rotate_left(32) ^ ngx::ffi::ngx_pid as u64 }
+    Status::NGX_OK.0
 }
 
 /// `init peer`: once per request; evaluates the slice key.
@@ -363,14 +245,16 @@ unsafe extern "C" fn init_peer(
         let log = (*(*r).connection).log;
         debug_http!(log, "init keepalive slice peer");
 
-        let kcf = srv_conf(us);
+        let Some(kcf) = Module::server_conf(&*us).map(ptr::from_ref) else {
+            return Status::NGX_ERROR.0;
+        };
         let kp = ngx_palloc((*r).pool, size_of::<PeerData>()) as *mut PeerData;
         if kp.is_null() {
-            return NGX_ERROR;
+            return Status::NGX_ERROR.0;
         }
 
-        if ((*kcf).original_init_peer)(r, us) != NGX_OK {
-            return NGX_ERROR;
+        if ((*kcf).original_init_peer)(r, us) != Status::NGX_OK.0 {
+            return Status::NGX_ERROR.0;
         }
 
         let mut slice_key = ngx_str_t::empty();
@@ -402,7 +286,7 @@ unsafe extern "C" fn init_peer(
         let tls = TlsKey::new(r, u);
         // Every balancer has one: nginx calls it without asking.
         let Some(get) = (*pc).get else {
-            return NGX_ERROR;
+            return Status::NGX_ERROR.0;
         };
         kp.write(PeerData {
             conf: kcf,
@@ -442,7 +326,7 @@ unsafe extern "C" fn init_peer(
             (*pc).save_session = Some(save_session);
         }
     }
-    NGX_OK
+    Status::NGX_OK.0
 }
 
 /// Evaluates the request's `slice_key` into `key` (from the request pool).
@@ -463,7 +347,7 @@ unsafe fn evaluate_key(r: *mut ngx_http_request_t, slice: &SliceConf, key: &mut 
             return true;
         }
         let Some(index) = slice.key_var else {
-            return ngx_http_complex_value(r, slice.key, key) == NGX_OK;
+            return ngx_http_complex_value(r, slice.key, key) == Status::NGX_OK.0;
         };
         let vv = ngx_http_get_flushed_variable(r, index);
         if vv.is_null() || (*vv).not_found() != 0 || (*vv).len() == 0 {
@@ -504,8 +388,8 @@ unsafe fn host(r: *mut ngx_http_request_t) -> ngx_str_t {
         if server.len != 0 {
             return server;
         }
-        let cscf = *(*r).srv_conf.add(ngx_http_core_module.ctx_index)
-            as *const ngx_http_core_srv_conf_t;
+        let cscf =
+            *(*r).srv_conf.add(ngx_http_core_module.ctx_index) as *const ngx_http_core_srv_conf_t;
         if cscf.is_null() {
             return ngx_str_t::empty();
         }
@@ -522,7 +406,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         debug_http!((*pc).log, "get keepalive slice peer");
 
         let rc = (kp.original_get_peer)(pc, kp.data);
-        if rc != NGX_OK {
+        if rc != Status::NGX_OK.0 {
             // Free peer stores into no bucket for this try.
             kp.bucket = None;
             return rc;
@@ -574,7 +458,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
                 "get keepalive slice peer: no idle connection for {}",
                 kp.identity()
             );
-            return NGX_OK;
+            return Status::NGX_OK.0;
         };
 
         debug_http!(
@@ -584,33 +468,12 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             kp.identity()
         );
 
-        (*c).set_idle(0);
-        (*c).sent = 0;
-        (*c).data = ptr::null_mut();
-        set_log(c, (*pc).log);
-
-        if (*(*c).read).timer_set() != 0 {
-            ngx_del_timer((*c).read);
-        }
+        idle::unpark(c, (*pc).log);
 
         (*pc).connection = c;
         (*pc).set_cached(1);
     }
-    NGX_DONE
-}
-
-/// Points the connection's logs at a request, or back at the cycle.
-///
-/// # Safety
-/// `c` must be a live connection.
-unsafe fn set_log(c: *mut ngx_connection_t, log: *mut ngx_log_t) {
-    // SAFETY: see above.
-    unsafe {
-        (*c).log = log;
-        (*(*c).read).log = log;
-        (*(*c).write).log = log;
-        (*(*c).pool).log = log;
-    }
+    Status::NGX_DONE.0
 }
 
 /// Whether the connection can be kept, before the cache is even asked:
@@ -647,7 +510,7 @@ unsafe fn keepable(
             // Graceful shutdown must not create new idle connections.
             && ngx_terminate == 0
             && ngx_exiting == 0;
-        (usable && ngx_handle_read_event(rev, 0) == NGX_OK).then_some(conn)
+        (usable && ngx_handle_read_event(rev, 0) == Status::NGX_OK.0).then_some(conn)
     }
 }
 
@@ -711,11 +574,7 @@ unsafe fn not_kept(kp: &PeerData, pc: *mut ngx_peer_connection_t, state: ngx_uin
     // SAFETY: see above.
     unsafe {
         let (reason, text) = unkeepable(kp, pc, state);
-        debug_http!(
-            (*pc).log,
-            "free keepalive slice peer: not saving: {}",
-            text
-        );
+        debug_http!((*pc).log, "free keepalive slice peer: not saving: {}", text);
         (*(*kp.conf).idle).count(Counter::NotKept(reason));
     }
 }
@@ -814,7 +673,10 @@ unsafe fn keep(
 
         // Into the bucket get peer found, without the key, if it can be;
         // otherwise by the key, out of line.
-        let slot = match kp.bucket.and_then(|b| idle.cache.store_known(b, conn, limit)) {
+        let slot = match kp
+            .bucket
+            .and_then(|b| idle.cache.store_known(b, conn, limit))
+        {
             Some(Ok(slot)) => slot,
             Some(Err(refusal)) => {
                 refused(kp, idle, log, &refusal);
@@ -845,25 +707,7 @@ unsafe fn keep(
         );
 
         (*pc).connection = ptr::null_mut();
-
-        let (rev, wev) = ((*c).read, (*c).write);
-        // A connection stored while rate limited (proxy_limit_rate) would
-        // otherwise treat its next read timer as a delay timer and stall.
-        (*rev).set_delayed(0);
-        ngx::ffi::ngx_add_timer(rev, (*kp.conf).timeout);
-        if (*wev).timer_set() != 0 {
-            ngx_del_timer(wev);
-        }
-        (*wev).handler = Some(dummy_handler);
-        (*rev).handler = Some(close_handler);
-
-        (*c).data = handle.cast();
-        (*c).set_idle(1);
-        set_log(c, (*ngx_cycle).log);
-
-        if (*rev).ready() != 0 {
-            close_handler(rev);
-        }
+        idle::park(c, handle, (*kp.conf).timeout);
     }
 }
 
@@ -894,11 +738,7 @@ unsafe fn store_by_key(
         // key takes.
         let stats = &idle.stats;
         let evict = |evicted: NonNull<ngx_connection_t>| {
-            debug_http!(
-                log,
-                "keepalive slice: evicting connection {:p}",
-                evicted
-            );
+            debug_http!(log, "keepalive slice: evicting connection {:p}", evicted);
             stats.count(Counter::Evicted);
             close_connection(evicted.as_ptr());
         };
@@ -1021,74 +861,6 @@ fn log_refusal(log: *mut ngx_log_t, refusal: &Refusal, key: &[u8]) {
     }
 }
 
-unsafe extern "C" fn dummy_handler(ev: *mut ngx_event_t) {
-    // SAFETY: nginx passes a live event.
-    unsafe {
-        debug_http!((*ev).log, "keepalive slice dummy handler");
-    }
-}
-
-/// Read event on an idle connection: the backend closed it, sent
-/// something unexpected, it timed out, or nginx is shutting down
-/// (`c->close`, set by the idle-connection sweep).
-unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
-    // SAFETY: ev belongs to an idle connection whose data is a SlotHandle.
-    unsafe {
-        debug_http!((*ev).log, "keepalive slice close handler");
-
-        let c = (*ev).data as *mut ngx_connection_t;
-
-        let reason = if (*c).close() != 0 {
-            Closed::Shutdown
-        } else if (*(*c).read).timedout() != 0 {
-            Closed::Timeout
-        } else {
-            let mut buf = [0u8; 1];
-            let n = libc::recv((*c).fd, buf.as_mut_ptr().cast(), 1, libc::MSG_PEEK);
-            if n == -1 && ngx_socket_errno() == NGX_EAGAIN as i32 {
-                // A stale event: keeping `ready` would hide a later close
-                // by the backend until the connection is reused.
-                (*ev).set_ready(0);
-                if ngx_handle_read_event((*c).read, 0) == NGX_OK {
-                    return;
-                }
-                Closed::Error
-            } else if n > 0 {
-                Closed::UnexpectedData
-            } else {
-                // EOF, or an error such as a reset: the server's doing.
-                Closed::Server
-            }
-        };
-
-        let handle = &*((*c).data as *const SlotHandle);
-        let idle = &mut *handle.idle;
-        idle.cache.remove(handle.slot);
-        idle.count(Counter::Closed(reason));
-        close_connection(c);
-    }
-}
-
-/// Closes an idle connection: SSL is shut down without waiting for or
-/// sending close_notify (the backend may be gone already).
-unsafe extern "C" fn close_connection(c: *mut ngx_connection_t) {
-    // SAFETY: c is a live connection no longer referenced by the cache.
-    unsafe {
-        #[cfg(ngx_feature = "http_ssl")]
-        if !(*c).ssl.is_null() {
-            (*(*c).ssl).set_no_wait_shutdown(1);
-            (*(*c).ssl).set_no_send_shutdown(1);
-            if ngx_ssl_shutdown(c) == NGX_AGAIN {
-                (*(*c).ssl).handler = Some(close_connection);
-                return;
-            }
-        }
-
-        ngx_destroy_pool((*c).pool);
-        ngx_close_connection(c);
-    }
-}
-
 unsafe extern "C" fn notify_peer(
     pc: *mut ngx_peer_connection_t,
     data: *mut c_void,
@@ -1111,12 +883,11 @@ unsafe extern "C" fn set_session(pc: *mut ngx_peer_connection_t, data: *mut c_vo
     unsafe {
         let kp = &*(data as *const PeerData);
         let mut buf = [0u8; MAX_SESSION_STAMP];
-        let (Some(set), Some(stamp)) = (kp.original_set_session, kp.session_stamp(&mut buf))
-        else {
-            return NGX_OK;
+        let (Some(set), Some(stamp)) = (kp.original_set_session, kp.session_stamp(&mut buf)) else {
+            return Status::NGX_OK.0;
         };
         let rc = set(pc, kp.data);
-        if rc == NGX_OK {
+        if rc == Status::NGX_OK.0 {
             session::resume_only_own((*pc).connection, stamp, (*pc).log);
         }
         rc

@@ -13,84 +13,27 @@
 use core::ffi::{c_char, c_void};
 use core::ptr;
 
+use ngx::core::{Status, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_buf_t, ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_create_temp_buf, ngx_cycle_t,
-    ngx_http_arg, ngx_http_core_loc_conf_t, ngx_http_core_module, ngx_http_discard_request_body,
-    ngx_http_output_filter, ngx_http_request_t, ngx_http_send_header, ngx_http_upstream_main_conf_t,
-    ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_ncpu, ngx_pagesize,
+    ngx_http_arg, ngx_http_discard_request_body, ngx_http_output_filter, ngx_http_request_t,
+    ngx_http_send_header, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_ncpu, ngx_pagesize,
     ngx_shared_memory_add, ngx_shm_zone_t, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, ngx_uint_t,
     ngx_worker, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_LOG_ALERT, NGX_LOG_EMERG,
 };
-use ngx::http::HttpModuleConfExt;
+use ngx::http::{
+    HTTPStatus, HttpModuleLocationConf, HttpModuleMainConf, HttpModuleServerConf,
+    NgxHttpCoreModule, NgxHttpUpstreamModule,
+};
 use ngx::ngx_log_error;
 
-use crate::conf::{NGX_ERROR, NGX_OK};
-use crate::module::{ngx_http_upstream_keepalive_slice_module, VERSION};
-use crate::peer::IdleState;
-use crate::report::{self, UpstreamReport, Versions};
-use crate::stats::{plan, Geometry, Table, MAX_SLOTS};
+use keepalive_slice_core::report::{self, UpstreamReport, Versions};
+use keepalive_slice_core::stats::{plan, Table, MAX_SLOTS};
+
+use crate::conf::{MainConf, Served};
+use crate::module::{zone_tag, Module, VERSION};
 
 const ZONE_NAME: &str = "keepalive_slice_status";
-
-const NGX_HTTP_OK: ngx_uint_t = ngx::ffi::NGX_HTTP_OK as ngx_uint_t;
-const NGX_HTTP_NOT_ALLOWED: ngx_int_t = ngx::ffi::NGX_HTTP_NOT_ALLOWED as ngx_int_t;
-const NGX_HTTP_BAD_REQUEST: ngx_int_t = ngx::ffi::NGX_HTTP_BAD_REQUEST as ngx_int_t;
-
-/// An upstream this module serves, as the report names it.
-pub struct Served {
-    pub name: Vec<u8>,
-    pub idle: *mut IdleState,
-}
-
-/// The module's http main configuration: what the status page and the
-/// variables need across upstreams, for one cycle.
-pub struct MainConf {
-    pub served: Vec<Served>,
-    geometry: Geometry,
-    /// `$upstream_keepalive_*` as nginx registered them (set in
-    /// preconfiguration, read once the configuration is complete).
-    pub variables: Vec<*mut ngx::ffi::ngx_http_variable_t>,
-}
-
-impl MainConf {
-    pub fn new() -> Self {
-        MainConf {
-            served: Vec::new(),
-            geometry: Geometry {
-                capacity: 0,
-                slots: 1,
-                arena: 0,
-            },
-            variables: Vec::new(),
-        }
-    }
-}
-
-/// The main conf of the cycle being configured.
-///
-/// # Safety
-/// `cf` must be the live configuration inside `http {}`.
-pub unsafe fn main_conf<'a>(cf: *mut ngx_conf_t) -> Option<&'a mut MainConf> {
-    // SAFETY: our main conf, created by create_main_conf.
-    unsafe {
-        (*cf)
-            .http_main_conf_unchecked::<MainConf>(&*ptr::addr_of!(ngx_http_upstream_keepalive_slice_module))
-            .map(|mut p| p.as_mut())
-    }
-}
-
-/// The main conf of a running cycle (`None` without `http {}`).
-///
-/// # Safety
-/// `cycle` must be live.
-pub unsafe fn cycle_main_conf<'a>(cycle: *mut ngx_cycle_t) -> Option<&'a mut MainConf> {
-    // SAFETY: as above.
-    unsafe {
-        (*cycle)
-            .http_main_conf_unchecked::<MainConf>(&*ptr::addr_of!(ngx_http_upstream_keepalive_slice_module))
-            .map(|mut p| p.as_mut())
-    }
-}
 
 /// Lists the upstreams this module serves and adds the shared zone for
 /// their counters (postconfiguration: every upstream is initialised).
@@ -102,26 +45,28 @@ pub unsafe fn add_zone(cf: *mut ngx_conf_t) -> ngx_int_t {
     // whose srv_conf arrays hold our conf (null for implicit upstreams,
     // which have no block and are never ours).
     unsafe {
-        let Some(mcf) = main_conf(cf) else {
-            return NGX_ERROR;
+        let Some(mcf) = Module::main_conf_mut(&*cf) else {
+            return Status::NGX_ERROR.0;
         };
-        let Some(umcf) = (*cf).http_main_conf_unchecked::<ngx_http_upstream_main_conf_t>(
-            &*ptr::addr_of!(ngx_http_upstream_module),
-        ) else {
-            return NGX_ERROR;
+        let Some(umcf) = NgxHttpUpstreamModule::main_conf(&*cf) else {
+            return Status::NGX_ERROR.0;
         };
-        let upstreams = umcf.as_ref().upstreams.as_slice::<*mut ngx_http_upstream_srv_conf_t>();
+        let upstreams = umcf
+            .upstreams
+            .as_slice::<*mut ngx_http_upstream_srv_conf_t>();
         for &us in upstreams {
             if us.is_null() || (*us).srv_conf.is_null() {
                 continue;
             }
-            let kcf = crate::conf::srv_conf(us);
-            if kcf.is_null() || (*kcf).idle.is_null() {
+            let Some(kcf) = Module::server_conf(&*us) else {
+                continue;
+            };
+            if kcf.idle.is_null() {
                 continue;
             }
             mcf.served.push(Served {
                 name: upstream_name(us),
-                idle: (*kcf).idle,
+                idle: kcf.idle,
             });
         }
 
@@ -135,19 +80,14 @@ pub unsafe fn add_zone(cf: *mut ngx_conf_t) -> ngx_int_t {
             len: ZONE_NAME.len(),
             data: ZONE_NAME.as_ptr().cast_mut(),
         };
-        let zone = ngx_shared_memory_add(
-            cf,
-            &mut name,
-            mcf.geometry.zone_bytes(page),
-            ptr::addr_of_mut!(ngx_http_upstream_keepalive_slice_module).cast(),
-        );
+        let zone = ngx_shared_memory_add(cf, &mut name, mcf.geometry.zone_bytes(page), zone_tag());
         if zone.is_null() {
-            return NGX_ERROR;
+            return Status::NGX_ERROR.0;
         }
         (*zone).init = Some(init_zone);
         (*zone).data = ptr::from_mut(mcf).cast();
     }
-    NGX_OK
+    Status::NGX_OK.0
 }
 
 /// "name", or "host:port" for an upstream nginx made from a URL.
@@ -182,8 +122,7 @@ unsafe fn old_table(cf: *mut ngx_conf_t) -> Option<Table> {
             let zones = (*part).elts as *mut ngx_shm_zone_t;
             for i in 0..(*part).nelts {
                 let zone = zones.add(i);
-                if (*zone).tag
-                    == ptr::addr_of_mut!(ngx_http_upstream_keepalive_slice_module).cast::<c_void>()
+                if (*zone).tag == zone_tag()
                     && (*zone).shm.name.as_bytes() == ZONE_NAME.as_bytes()
                     && !(*zone).shm.addr.is_null()
                 {
@@ -237,7 +176,7 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
                     bytes,
                     ZONE_NAME
                 );
-                return NGX_ERROR;
+                return Status::NGX_ERROR.0;
             };
             (*pool).data = memory.cast();
             table
@@ -254,7 +193,7 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
                         "keepalive status: counters of the previous configuration unreadable, \
                          not counting until restart"
                     );
-                    return NGX_OK;
+                    return Status::NGX_OK.0;
                 }
             }
         };
@@ -273,7 +212,7 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
             }
         }
     }
-    NGX_OK
+    Status::NGX_OK.0
 }
 
 /// Each worker counts in its own slot of every entry.
@@ -283,7 +222,7 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
 pub unsafe fn start_worker(cycle: *mut ngx_cycle_t) {
     // SAFETY: the served upstreams' idle states live with the cycle.
     unsafe {
-        let Some(mcf) = cycle_main_conf(cycle) else {
+        let Some(mcf) = Module::main_conf(&*cycle) else {
             return;
         };
         for served in &mcf.served {
@@ -300,14 +239,12 @@ pub extern "C" fn keepalive_status_directive(
 ) -> *mut c_char {
     // SAFETY: a location directive; the core module's loc conf is there.
     unsafe {
-        let Some(mut clcf) = (*cf).http_location_conf_unchecked::<ngx_http_core_loc_conf_t>(
-            &*ptr::addr_of!(ngx_http_core_module),
-        ) else {
-            return usize::MAX as *mut c_char;
+        let Some(clcf) = NgxHttpCoreModule::location_conf_mut(&*cf) else {
+            return NGX_CONF_ERROR;
         };
-        clcf.as_mut().handler = Some(status_handler);
+        clcf.handler = Some(status_handler);
     }
-    ptr::null_mut()
+    NGX_CONF_OK
 }
 
 enum Format {
@@ -323,7 +260,8 @@ unsafe fn requested_format(r: *mut ngx_http_request_t) -> Option<Format> {
     let mut value = ngx_str_t::empty();
     let mut name = *b"format";
     // SAFETY: ngx_http_arg reads the request's arguments.
-    let found = unsafe { ngx_http_arg(r, name.as_mut_ptr(), name.len(), &mut value) } == NGX_OK;
+    let found =
+        unsafe { ngx_http_arg(r, name.as_mut_ptr(), name.len(), &mut value) } == Status::NGX_OK.0;
     match value.as_bytes() {
         _ if !found => Some(Format::Json),
         b"json" => Some(Format::Json),
@@ -336,23 +274,20 @@ unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     // SAFETY: nginx calls the content handler with a live request.
     unsafe {
         if (*r).method & (NGX_HTTP_GET | NGX_HTTP_HEAD) as ngx_uint_t == 0 {
-            return NGX_HTTP_NOT_ALLOWED;
+            return HTTPStatus::NOT_ALLOWED.0 as ngx_int_t;
         }
         let rc = ngx_http_discard_request_body(r);
-        if rc != NGX_OK {
+        if rc != Status::NGX_OK.0 {
             return rc;
         }
         let Some(format) = requested_format(r) else {
-            return NGX_HTTP_BAD_REQUEST;
+            return HTTPStatus::BAD_REQUEST.0 as ngx_int_t;
         };
 
-        let Some(mcf) = (*r).http_main_conf_unchecked::<MainConf>(
-            &*ptr::addr_of!(ngx_http_upstream_keepalive_slice_module),
-        ) else {
-            return NGX_ERROR;
+        let Some(mcf) = Module::main_conf(&*r) else {
+            return Status::NGX_ERROR.0;
         };
         let upstreams: Vec<UpstreamReport> = mcf
-            .as_ref()
             .served
             .iter()
             .filter_map(|served| {
@@ -388,7 +323,7 @@ unsafe fn send(r: *mut ngx_http_request_t, content_type: &'static str, body: &[u
     // static, as nginx only reads it.
     unsafe {
         let out = &mut (*r).headers_out;
-        out.status = NGX_HTTP_OK;
+        out.status = HTTPStatus::OK.0;
         out.content_type_len = content_type.len();
         out.content_type = ngx_str_t {
             len: content_type.len(),
@@ -405,13 +340,16 @@ unsafe fn send(r: *mut ngx_http_request_t, content_type: &'static str, body: &[u
         // stub_status; a 200 without Last-Modified or ETag is never
         // made header-only by another filter.
         let rc = ngx_http_send_header(r);
-        if rc == NGX_ERROR || rc > NGX_OK || (*r).method == NGX_HTTP_HEAD as ngx_uint_t {
+        if rc == Status::NGX_ERROR.0
+            || rc > Status::NGX_OK.0
+            || (*r).method == NGX_HTTP_HEAD as ngx_uint_t
+        {
             return rc;
         }
 
         let b: *mut ngx_buf_t = ngx_create_temp_buf((*r).pool, body.len());
         if b.is_null() {
-            return NGX_ERROR;
+            return Status::NGX_ERROR.0;
         }
         ptr::copy_nonoverlapping(body.as_ptr(), (*b).last, body.len());
         (*b).last = (*b).last.add(body.len());

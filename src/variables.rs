@@ -15,17 +15,19 @@ use core::ffi::c_void;
 use core::ptr;
 
 use ngx::ffi::{
-    __BindgenBitfieldUnit, ngx_array_create, ngx_array_push, ngx_array_t, ngx_conf_t, ngx_cycle_t, ngx_http_add_variable,
-    ngx_http_request_t, ngx_http_upstream_state_t, ngx_http_variable_value_t, ngx_int_t,
-    ngx_pnalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t, NGX_HTTP_VAR_INDEXED,
-    NGX_HTTP_VAR_NOCACHEABLE,
+    __BindgenBitfieldUnit, ngx_array_create, ngx_array_push, ngx_array_t, ngx_conf_t, ngx_cycle_t,
+    ngx_http_add_variable, ngx_http_request_t, ngx_http_upstream_state_t,
+    ngx_http_variable_value_t, ngx_int_t, ngx_pnalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t,
+    NGX_HTTP_VAR_INDEXED, NGX_HTTP_VAR_NOCACHEABLE,
 };
 
+use ngx::core::Status;
+use ngx::http::HttpModuleMainConf;
 use ngx::ngx_log_debug_mask;
 
-use crate::conf::{NGX_ERROR, NGX_OK};
-use crate::report::{join_tries, Length, TryField, TryRecord, Writer};
-use crate::status::{cycle_main_conf, main_conf};
+use keepalive_slice_core::report::{join_tries, Length, TryField, TryRecord, Writer};
+
+use crate::module::Module;
 
 const VARIABLES: [(&str, TryField); 3] = [
     ("upstream_keepalive_reused", TryField::Reused),
@@ -61,8 +63,8 @@ unsafe extern "C" fn try_log_marker(_data: *mut c_void) {}
 pub unsafe fn register(cf: *mut ngx_conf_t) -> ngx_int_t {
     // SAFETY: nginx copies the name; the variable lives with the cycle.
     unsafe {
-        let Some(mcf) = main_conf(cf) else {
-            return NGX_ERROR;
+        let Some(mcf) = Module::main_conf_mut(&*cf) else {
+            return Status::NGX_ERROR.0;
         };
         for (name, field) in VARIABLES {
             let mut name = ngx_str_t {
@@ -71,14 +73,14 @@ pub unsafe fn register(cf: *mut ngx_conf_t) -> ngx_int_t {
             };
             let v = ngx_http_add_variable(cf, &mut name, NGX_HTTP_VAR_NOCACHEABLE as ngx_uint_t);
             if v.is_null() {
-                return NGX_ERROR;
+                return Status::NGX_ERROR.0;
             }
             (*v).get_handler = Some(variable);
             (*v).data = field as usize;
             mcf.variables.push(v);
         }
     }
-    NGX_OK
+    Status::NGX_OK.0
 }
 
 /// Turns recording on for every upstream of the cycle if the configuration
@@ -89,7 +91,7 @@ pub unsafe fn register(cf: *mut ngx_conf_t) -> ngx_int_t {
 pub unsafe fn enable_recording(cycle: *mut ngx_cycle_t) {
     // SAFETY: the variables and idle states live with the cycle.
     unsafe {
-        let Some(mcf) = cycle_main_conf(cycle) else {
+        let Some(mcf) = Module::main_conf(&*cycle) else {
             return;
         };
         let used = mcf
@@ -159,7 +161,12 @@ unsafe fn log_of(r: *mut ngx_http_request_t) -> *mut TryLog {
 ///
 /// # Safety
 /// `r` must be a live request whose upstream is connecting.
-pub unsafe fn record_try(r: *mut ngx_http_request_t, reused: bool, requests: ngx_uint_t, key: ngx_str_t) {
+pub unsafe fn record_try(
+    r: *mut ngx_http_request_t,
+    reused: bool,
+    requests: ngx_uint_t,
+    key: ngx_str_t,
+) {
     // SAFETY: upstream_states is the request's array of tries, the current
     // one last (ngx_http_upstream_connect pushes it before get peer).
     unsafe {
@@ -202,7 +209,7 @@ unsafe extern "C" fn variable(
         let states = (*r).upstream_states;
         if states.is_null() || (*states).nelts == 0 {
             set_value(v, ptr::null_mut(), 0, true);
-            return NGX_OK;
+            return Status::NGX_OK.0;
         }
         let field = match data {
             d if d == TryField::Reused as usize => TryField::Reused,
@@ -226,11 +233,11 @@ unsafe extern "C" fn variable(
                         let flag: &'static [u8] = if only.reused { b"r" } else { b"." };
                         // nginx only reads variable values.
                         set_value(v, flag.as_ptr().cast_mut(), 1, false);
-                        return NGX_OK;
+                        return Status::NGX_OK.0;
                     }
                     TryField::Key => {
                         set_value(v, only.key.0.data, only.key.0.len, false);
-                        return NGX_OK;
+                        return Status::NGX_OK.0;
                     }
                     TryField::Requests => {}
                 }
@@ -241,14 +248,14 @@ unsafe extern "C" fn variable(
         join_tries(field, state.len(), has_peer, tries, &mut length);
         let p = ngx_pnalloc((*r).pool, length.0.max(1)) as *mut u8;
         if p.is_null() {
-            return NGX_ERROR;
+            return Status::NGX_ERROR.0;
         }
         let buf = core::slice::from_raw_parts_mut(p, length.0);
         let mut writer = Writer::new(buf);
         join_tries(field, state.len(), has_peer, tries, &mut writer);
         set_value(v, p, writer.len, false);
     }
-    NGX_OK
+    Status::NGX_OK.0
 }
 
 /// Fills a variable value: valid, cacheable, found or not. The flags and

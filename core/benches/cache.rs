@@ -1,32 +1,21 @@
-//! Microbenchmark of the idle-connection cache (`src/cache.rs`): nanoseconds
+//! Microbenchmark of the idle-connection cache (`core/src/cache/`): nanoseconds
 //! per get+free pair as the module makes it: `find` and `take_from` (get
 //! peer), then `store_at` with the bucket found (free peer); the miss row
 //! with `take` and `store`. For caches of N = 16, 1024 and 65536 idle
 //! connections.
 //!
-//! Run: `make bench-micro` or `cargo bench --bench cache`. Prints a Markdown
+//! Run: `make bench-micro` or `cargo bench -p keepalive-slice-core --bench cache`. Prints a Markdown
 //! table; the figures are never asserted (no timing in tests).
 //!
-//! Why `#[path]` and not `use ngx_http_upstream_keepalive_slice_module::cache`:
-//! the library's non-test build contains the FFI modules (`module`, `peer`),
-//! which reference nginx's symbols (`ngx_cycle`, `ngx_palloc`, ...). Those
-//! exist only inside an nginx binary, so a benchmark executable that links
-//! the rlib cannot be linked. `src/cache.rs` is plain Rust with no
-//! dependency on the rest of the crate, so the benchmark compiles that very
-//! file as a module of its own: the code measured is the code shipped,
-//! without a cargo feature or cfg that changes what the library contains.
-//! `dead_code` is allowed because the benchmark does not call every method.
-
-#[allow(dead_code)]
-#[path = "../src/cache.rs"]
-mod cache;
+//! The benchmark links the core crate, which has no nginx dependency:
+//! the code measured is the code the module ships.
 
 use std::hint::black_box;
 use std::time::Instant;
 
-use cache::{BucketKey, IdleCache};
+use keepalive_slice_core::cache::{BucketKey, IdleCache};
 
-/// The sizes the issue asks for.
+/// The cache sizes measured: a small upstream, a large one, the largest allowed.
 const SIZES: [usize; 3] = [16, 1024, 65536];
 
 /// Pairs per timed run, and timed runs per figure. The fastest run is

@@ -1,4 +1,4 @@
-//! Reads what a request's upstream connection is bound to (see
+//! Reads what a request's upstream connection is bound to (see the core's
 //! `identity`) from nginx: the protocol handler, and for TLS the same
 //! values nginx itself uses when it opens the connection
 //! (`ngx_http_upstream_ssl_init_connection()`).
@@ -12,11 +12,12 @@ use ngx::ffi::{
 #[cfg(ngx_feature = "http_ssl")]
 use ngx::ffi::{ngx_http_complex_value, ngx_http_complex_value_t, ngx_pnalloc};
 
-use crate::identity::{tls_part, Describe, Escaped};
 #[cfg(ngx_feature = "http_ssl")]
-use crate::identity::{tls_address, TlsIdentity, MAX_ADDR_LEN};
+use ngx::core::Status;
+
 #[cfg(ngx_feature = "http_ssl")]
-use crate::conf::NGX_OK;
+use keepalive_slice_core::identity::{tls_address, TlsIdentity, MAX_ADDR_LEN};
+use keepalive_slice_core::identity::{tls_part, Describe, Escaped};
 
 /// The protocol a request speaks to its upstream: its `create_request`,
 /// which each upstream module sets to its own (proxy over HTTP/1.x, proxy
@@ -121,7 +122,9 @@ impl TlsKey {
     pub fn name(&self) -> Option<&[u8]> {
         match self {
             TlsKey::Tls {
-                state: TlsState::Ready { name: Some(name), .. },
+                state: TlsState::Ready {
+                    name: Some(name), ..
+                },
                 ..
             } => Some(name.as_bytes()),
             _ => None,
@@ -294,10 +297,13 @@ impl Values {
 /// # Safety
 /// `r` must be live and `cv` a complex value of its configuration.
 #[cfg(ngx_feature = "http_ssl")]
-unsafe fn evaluate(r: *mut ngx_http_request_t, cv: *mut ngx_http_complex_value_t) -> Option<ngx_str_t> {
+unsafe fn evaluate(
+    r: *mut ngx_http_request_t,
+    cv: *mut ngx_http_complex_value_t,
+) -> Option<ngx_str_t> {
     let mut value = ngx_str_t::empty();
     // SAFETY: see above; the value lives in the request pool.
-    (unsafe { ngx_http_complex_value(r, cv, &mut value) } == NGX_OK).then_some(value)
+    (unsafe { ngx_http_complex_value(r, cv, &mut value) } == Status::NGX_OK.0).then_some(value)
 }
 
 /// The module that speaks the request's protocol, for the debug log:

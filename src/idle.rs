@@ -1,0 +1,244 @@
+//! The idle connections of one upstream in one worker: the cache that
+//! holds them, and the handlers of a connection while it is idle.
+//!
+//! A kept connection is *parked*: out of any request, its read event
+//! watched for the backend's close (or unexpected data), its timer set to
+//! `keepalive_timeout`, its log the cycle's, and `c->data` pointing at its
+//! slot's handle, so that the close handler finds the slot without a
+//! search. Taking it for a request *unparks* it.
+
+use core::ptr::{self, NonNull};
+
+#[cfg(ngx_feature = "http_ssl")]
+use ngx::ffi::ngx_ssl_shutdown;
+use ngx::ffi::{
+    ngx_add_timer, ngx_close_connection, ngx_connection_t, ngx_current_msec, ngx_cycle,
+    ngx_del_timer, ngx_destroy_pool, ngx_event_t, ngx_handle_read_event, ngx_log_t, ngx_msec_t,
+    ngx_socket_errno, NGX_EAGAIN,
+};
+
+use ngx::core::Status;
+
+use keepalive_slice_core::cache::{boxed_slice, IdleCache};
+use keepalive_slice_core::stats::{Closed, Counter, UpstreamStats};
+
+use crate::log::debug_http;
+
+/// Where an idle connection sits: `c->data` of an idle connection points
+/// at its handle, so the close handler finds its slot without a search.
+pub struct SlotHandle {
+    idle: *mut IdleState,
+    slot: usize,
+}
+
+/// One upstream's idle connections in this worker (the configuration is
+/// copied into each worker by fork, and with it this state).
+pub struct IdleState {
+    pub cache: IdleCache<NonNull<ngx_connection_t>>,
+    /// One per slot of the cache, in the same order.
+    pub handles: Box<[SlotHandle]>,
+    /// This worker's counters for the upstream (the status page).
+    pub stats: UpstreamStats,
+    /// The configuration uses `$upstream_keepalive_*`: record each try.
+    pub log_tries: bool,
+    /// Random, per upstream and configuration: part of the stamp of the
+    /// TLS sessions saved through this upstream (see `session`).
+    pub session_nonce: u64,
+}
+
+impl IdleState {
+    /// The state of a cache of `capacity` connections, sliced into
+    /// `poolsize` buckets of `keylen` key bytes, or unsliced; `None` if the
+    /// memory is not there. Its handles point at it once it has its final
+    /// address ([`IdleState::bind_handles`]).
+    pub fn new(capacity: usize, sliced: Option<(usize, usize)>) -> Option<Self> {
+        let cache = match sliced {
+            Some((poolsize, keylen)) => IdleCache::new(capacity, poolsize, keylen)?,
+            None => IdleCache::unsliced(capacity)?,
+        };
+        let handles = boxed_slice(capacity, |slot| SlotHandle {
+            idle: ptr::null_mut(),
+            slot,
+        })?;
+        Some(IdleState {
+            cache,
+            handles,
+            stats: UpstreamStats::new(),
+            log_tries: false,
+            session_nonce: random_nonce(),
+        })
+    }
+
+    /// Points every handle at `idle`, the state's final address.
+    pub fn bind_handles(idle: *mut IdleState) {
+        // SAFETY: `idle` is a live state that nothing else is using.
+        let state = unsafe { &mut *idle };
+        for handle in state.handles.iter_mut() {
+            handle.idle = idle;
+        }
+    }
+
+    /// Bytes of memory held, fixed by the configuration.
+    pub fn memory_bytes(&self) -> usize {
+        self.cache.memory_bytes() + self.handles.len() * size_of::<SlotHandle>()
+    }
+
+    /// Counts an event that may have changed the buckets in use.
+    #[inline]
+    pub fn count(&mut self, counter: Counter) {
+        self.stats
+            .count_with_buckets(counter, self.cache.buckets_in_use());
+    }
+}
+
+/// 64 random bits from the kernel. Not from std's `RandomState`: its keys
+/// live in a thread-local, and the first use of the module's dynamic TLS
+/// makes LeakSanitizer's thread scan crash at exit in a dlopen()ed module
+/// (seen on nginx 1.31.4, "DTLS ... Tracer caught signal 11").
+fn random_nonce() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n == bytes.len() as isize {
+        return u64::from_ne_bytes(bytes);
+    }
+    // No getrandom(2) (Linux before 3.17): the nonce only has to differ
+    // between configurations, which time and process do well enough.
+    // SAFETY: reading nginx's clock and process id, set at start.
+    unsafe { (ngx_current_msec as u64).rotate_left(32) ^ ngx::ffi::ngx_pid as u64 }
+}
+
+/// Parks connection `c`, just stored in `handle`'s slot, for
+/// `timeout` milliseconds.
+///
+/// # Safety
+/// `c` is a live connection, out of its request, and `handle` its slot's.
+#[inline(always)]
+pub unsafe fn park(c: *mut ngx_connection_t, handle: *mut SlotHandle, timeout: ngx_msec_t) {
+    // SAFETY: see above.
+    unsafe {
+        let (rev, wev) = ((*c).read, (*c).write);
+        // A connection stored while rate limited (proxy_limit_rate) would
+        // otherwise treat its next read timer as a delay timer and stall.
+        (*rev).set_delayed(0);
+        ngx_add_timer(rev, timeout);
+        if (*wev).timer_set() != 0 {
+            ngx_del_timer(wev);
+        }
+        (*wev).handler = Some(dummy_handler);
+        (*rev).handler = Some(close_handler);
+
+        (*c).data = handle.cast();
+        (*c).set_idle(1);
+        set_log(c, (*ngx_cycle).log);
+
+        if (*rev).ready() != 0 {
+            close_handler(rev);
+        }
+    }
+}
+
+/// Unparks connection `c`, just taken from the cache, for a request
+/// logging to `log`.
+///
+/// # Safety
+/// `c` is a live connection the cache held.
+#[inline(always)]
+pub unsafe fn unpark(c: *mut ngx_connection_t, log: *mut ngx_log_t) {
+    // SAFETY: see above.
+    unsafe {
+        (*c).set_idle(0);
+        (*c).sent = 0;
+        (*c).data = ptr::null_mut();
+        set_log(c, log);
+
+        if (*(*c).read).timer_set() != 0 {
+            ngx_del_timer((*c).read);
+        }
+    }
+}
+
+/// Points the connection's logs at a request, or back at the cycle.
+///
+/// # Safety
+/// `c` must be a live connection.
+unsafe fn set_log(c: *mut ngx_connection_t, log: *mut ngx_log_t) {
+    // SAFETY: see above.
+    unsafe {
+        (*c).log = log;
+        (*(*c).read).log = log;
+        (*(*c).write).log = log;
+        (*(*c).pool).log = log;
+    }
+}
+
+unsafe extern "C" fn dummy_handler(ev: *mut ngx_event_t) {
+    // SAFETY: nginx passes a live event.
+    unsafe {
+        debug_http!((*ev).log, "keepalive slice dummy handler");
+    }
+}
+
+/// Read event on an idle connection: the backend closed it, sent
+/// something unexpected, it timed out, or nginx is shutting down
+/// (`c->close`, set by the idle-connection sweep).
+unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
+    // SAFETY: ev belongs to an idle connection whose data is a SlotHandle.
+    unsafe {
+        debug_http!((*ev).log, "keepalive slice close handler");
+
+        let c = (*ev).data as *mut ngx_connection_t;
+
+        let reason = if (*c).close() != 0 {
+            Closed::Shutdown
+        } else if (*(*c).read).timedout() != 0 {
+            Closed::Timeout
+        } else {
+            let mut buf = [0u8; 1];
+            let n = libc::recv((*c).fd, buf.as_mut_ptr().cast(), 1, libc::MSG_PEEK);
+            if n == -1 && ngx_socket_errno() == NGX_EAGAIN as i32 {
+                // A stale event: keeping `ready` would hide a later close
+                // by the backend until the connection is reused.
+                (*ev).set_ready(0);
+                if ngx_handle_read_event((*c).read, 0) == Status::NGX_OK.0 {
+                    return;
+                }
+                Closed::Error
+            } else if n > 0 {
+                Closed::UnexpectedData
+            } else {
+                // EOF, or an error such as a reset: the server's doing.
+                Closed::Server
+            }
+        };
+
+        let handle = &*((*c).data as *const SlotHandle);
+        let idle = &mut *handle.idle;
+        idle.cache.remove(handle.slot);
+        idle.count(Counter::Closed(reason));
+        close_connection(c);
+    }
+}
+
+/// Closes an idle connection: SSL is shut down without waiting for or
+/// sending close_notify (the backend may be gone already).
+///
+/// # Safety
+/// `c` must be a live connection no longer referenced by the cache.
+pub unsafe extern "C" fn close_connection(c: *mut ngx_connection_t) {
+    // SAFETY: see above.
+    unsafe {
+        #[cfg(ngx_feature = "http_ssl")]
+        if !(*c).ssl.is_null() {
+            (*(*c).ssl).set_no_wait_shutdown(1);
+            (*(*c).ssl).set_no_send_shutdown(1);
+            if ngx_ssl_shutdown(c) == Status::NGX_AGAIN.0 {
+                (*(*c).ssl).handler = Some(close_connection);
+                return;
+            }
+        }
+
+        ngx_destroy_pool((*c).pool);
+        ngx_close_connection(c);
+    }
+}
