@@ -1,8 +1,8 @@
 #!/usr/bin/perl
 #
-# make bench-flood: busy Hosts beside random Host values (issue 15).
+# make bench-flood: busy Hosts beside random Host values.
 #
-# The scenario of issue 15: a front objs/nginx (one worker) proxies to one
+# The scenario: a front objs/nginx (one worker) proxies to one
 # backend objs/nginx; wrk with 8 connections sends requests for 5 busy
 # Hosts in turn for BENCH_FLOOD_DURATION (10) seconds, with nothing else
 # (quiet), with a trickle of 45 requests for random Hosts, one every 0.2 s
@@ -206,7 +206,7 @@ for my $round (1 .. $ROUNDS) {
 
 my $date = strftime('%Y-%m-%d', localtime);
 my $md = "# make bench-flood, $date\n\n"
-	. "Busy Hosts beside random Host values (issue 15). `wrk -t2 -c8 -d${DURATION}s`"
+	. "Busy Hosts beside random Host values. `wrk -t2 -c8 -d${DURATION}s`"
 	. " sends requests for " . scalar(@BUSY) . " busy Hosts in turn through a front"
 	. " objs/nginx (1 worker) to one backend objs/nginx; beside them nothing, a"
 	. " trickle of $TRICKLE requests with random Hosts (one every ${TRICKLE_EVERY} s), or"

@@ -1,4 +1,5 @@
-# Performance (issue 5). Figures are printed and written, never asserted.
+# Performance. Figures are printed and written, never asserted
+# (docs/performance.md).
 #
 #   make bench          wrk through objs/nginx: no keepalive, nginx's own
 #                       keepalive, ours plain and sliced, 1 and N workers,
@@ -11,7 +12,7 @@
 #   make bench-profile  callgrind instructions per request, ours vs stock
 #                       (bench/profile.pl, ~2 min)
 #   make bench-flood    busy Hosts beside a trickle and a flood of random Host
-#                       values (issue 15), ours sliced vs nginx's unsliced
+#                       values, ours sliced vs nginx's unsliced
 #                       cache: busy req/s and upstream connections; writes
 #                       bench/results/flood-<date>-<HHMM>.md, flood-latest.md
 #                       (~1 min 10 s; BENCH_FLOOD_DURATION, BENCH_FLOOD_ROUNDS

@@ -1,4 +1,4 @@
-# Debian package for the system's nginx (issue 13).
+# Debian package for the system's nginx.
 #
 #   make deb       objs/libnginx-mod-http-upstream-keepalive-slice_<version>_<arch>.deb
 #                  for the nginx installed from the system's packages:

@@ -1,4 +1,5 @@
-# Memory checking (issue 6): the whole t/ suite under AddressSanitizer.
+# Memory checking: the whole t/ suite under AddressSanitizer
+# (docs/testing.md).
 #
 #   make test-asan     builds target/nginx-asan: the vendored nginx 1.28.3
 #                      compiled by clang with -fsanitize=address and

@@ -1,4 +1,4 @@
-# Other nginx releases (issue 10).
+# Other nginx releases (docs/install.md).
 #
 #   make test NGINX=1.31.4                    the whole suite against nginx 1.31.4,
 #                                             downloaded from nginx.org

@@ -223,8 +223,8 @@ is(scalar(grep { $slow[$_ - 1]{worker} eq ($gen[$_ - 1]{old}[0] // '') }
 	1 .. @gen),
 	$reloads, 'reload: by the old worker');
 
-# the old workers exit right after their last request, within a second as
-# the issue asks (measured: a few ms): with an idle upstream connection
+# the old workers exit right after their last request, within a second
+# (measured: a few ms): with an idle upstream connection
 # left open they would wait for keepalive_timeout (30s)
 
 my @delay;

@@ -1,9 +1,9 @@
 #!/usr/bin/perl
 
 # Tests for upstream keepalive: random Host values do not cost the Hosts in
-# steady use their connections (issue 15).
+# steady use their connections.
 #
-# Three upstreams configured alike, as in the issue (keepalive 32
+# Three upstreams configured alike, as make bench-flood's (keepalive 32
 # slice_key=$host slice_conn=4, 20 buckets), each with its own backend.
 # Four clients send the same traffic to the three: rounds of one request
 # per upstream, for five busy Hosts in turn.  Beside them, a client sends
@@ -11,8 +11,9 @@
 # upstream (trickle) and back to back to the third (flood).  The backends
 # number their connections: the busy Hosts' connection counts in the
 # trickle and the flood stay within twice the count without random Hosts
-# (on the cache before issue 15, in one run: 15, 873 and 3687, and every
-# connection of a random Host refused).  All loops are bounded by a
+# (on the cache before its bucket policy, which gave a bucket back as soon
+# as its last idle connection was taken, in one run: 15, 873 and 3687, and
+# every connection of a random Host refused).  All loops are bounded by a
 # request count and a deadline.
 
 ###############################################################################

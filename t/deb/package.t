@@ -249,8 +249,20 @@ like($contents, qr{ \./\Q${\ substr($SO, 1)}\E$}m, "ships $SO");
 is(output('sh', '-c', "dpkg-deb --fsys-tarfile '$deb' | tar -xOf - .$AVAILABLE"), $LOAD,
 	"ships $AVAILABLE with its load_module line");
 
-# lintian: no error, warning or info tag (those explained in the README
-# are overridden in debian/*.lintian-overrides, with the reason). Its
+# The documentation: the README, the directives' reference and the
+# project's changes (CHANGELOG.md, compressed or not as dh_compress sees
+# fit), beside the Debian changelog of a native package, which must stay
+# debian/changelog and not be replaced by CHANGELOG.md.
+my $DOC = "usr/share/doc/$PKG";
+for my $doc (qw/ README.md CHANGELOG.md directives.md /) {
+	like($contents, qr{ \./\Q$DOC/$doc\E(?:\.gz)?$}m, "ships $DOC/$doc");
+}
+like(output('sh', '-c', "dpkg-deb --fsys-tarfile '$deb' | tar -xOf - ./$DOC/changelog.gz | zcat"),
+	qr/^nginx-keepalive-slice \(\Q$version\E\) /,
+	"$DOC/changelog.gz is the Debian changelog");
+
+# lintian: no error, warning or info tag (those explained in
+# docs/install.md are overridden in debian/*.lintian-overrides, with the reason). Its
 # "running with root privileges" complaint goes to stderr.
 my $lintian = `lintian --display-info --fail-on error,warning,info '$deb' 2>/dev/null`;
 is($? >> 8, 0, 'lintian passes');
