@@ -879,7 +879,7 @@ mod tests {
                 assert_eq!(zone % PAGE, 0);
             }
         }
-        // the README's figure: 2 workers, up to 16 upstreams, one zone of
+        // the figure of docs/directives.md: 2 workers, up to 16 upstreams, one zone of
         // a few pages
         assert!(Geometry::for_names(&[b"u"], 2).zone_bytes(PAGE) <= 32 * PAGE);
     }

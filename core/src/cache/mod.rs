@@ -303,7 +303,7 @@ impl<C: Copy> IdleCache<C> {
     }
 
     /// Bytes allocated for this cache: everything it will ever use, sized
-    /// with the configuration (the README's "Limits and memory").
+    /// with the configuration (docs/directives.md, "Limits and memory").
     pub fn memory_bytes(&self) -> usize {
         use core::mem::size_of;
         self.slots.len() * size_of::<IdleSlot<C>>()

@@ -24,7 +24,7 @@ fn memory_is_fixed_by_the_configuration() {
     let unsliced = IdleCache::<Pointer>::unsliced(1024).unwrap().memory_bytes();
     assert_eq!(bytes(1024, 1025, 0) - unsliced, 4096 * 4);
 
-    // The README's figures: an unsliced keepalive 1024 (a bucket per
+    // The figures of docs/directives.md (Limits and memory): an unsliced keepalive 1024 (a bucket per
     // connection) stays under 512 KiB, the sliced defaults under 64 KiB,
     // and the largest sizes the directive accepts are bounded (sliced:
     // at most 2N+1 buckets).
