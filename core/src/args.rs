@@ -176,6 +176,7 @@ pub fn single_variable(key: &[u8]) -> Option<&[u8]> {
     valid.then_some(name)
 }
 
+#[inline]
 pub fn parse_number(value: &[u8]) -> Option<usize> {
     if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
         return None;

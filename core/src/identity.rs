@@ -78,6 +78,7 @@ impl TlsIdentity<'_> {
     /// The name nginx sends and verifies, exactly as
     /// `ngx_http_upstream_ssl_name()` computes it, or `None` when it uses
     /// none.
+    #[inline]
     pub fn effective_name(&self) -> Option<&[u8]> {
         if !(self.verify || self.server_name) {
             return None;
@@ -93,6 +94,7 @@ impl TlsIdentity<'_> {
     }
 
     /// Writes the identity into `out`; returns its length.
+    #[inline]
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, TooLong> {
         let name = self.effective_name();
         let certificate = self.effective_certificate();
@@ -137,6 +139,7 @@ impl TlsIdentity<'_> {
 /// address's length (2 bytes), the socket address, then its TLS identity
 /// (which may use all the room the socket address leaves, at least
 /// [`MAX_TLS_IDENTITY`] bytes). Returns its length in `out`.
+#[inline]
 pub fn tls_address(sockaddr: &[u8], id: &TlsIdentity, out: &mut [u8]) -> Result<usize, TooLong> {
     let head = TLS_ADDRESS_HEADER + sockaddr.len();
     let socklen = u16::try_from(sockaddr.len()).map_err(|_| TooLong { len: head })?;
@@ -154,6 +157,7 @@ pub fn tls_address(sockaddr: &[u8], id: &TlsIdentity, out: &mut [u8]) -> Result<
 
 /// The TLS identity in an address made by [`tls_address`]; empty for a
 /// plain socket address.
+#[inline]
 pub fn tls_part(addr: &[u8]) -> &[u8] {
     match addr {
         [m0, m1, l0, l1, rest @ ..] if [*m0, *m1] == TLS_MARK => rest
@@ -171,6 +175,7 @@ pub const MAX_SESSION_STAMP: usize = 16 + MAX_ADDR_LEN;
 /// per-configuration nonce (sessions may outlive a reload in an upstream
 /// zone, where the addresses of SSL contexts may be reused), the bucket tag
 /// (protocol, or location with `local`) and the TLS identity.
+#[inline]
 pub fn session_stamp(nonce: u64, tag: usize, identity: &[u8], out: &mut [u8]) -> Option<usize> {
     let len = 16 + identity.len();
     let out = out.get_mut(..len)?;
@@ -188,6 +193,7 @@ struct Writer<'o> {
 
 impl Writer<'_> {
     /// Copies `bytes` on (the caller checked the total length).
+    #[inline]
     fn put(&mut self, bytes: &[u8]) {
         let end = self.at + bytes.len();
         if let Some(dst) = self.out.get_mut(self.at..end) {

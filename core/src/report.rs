@@ -267,6 +267,7 @@ pub trait Sink {
 pub struct Length(pub usize);
 
 impl Sink for Length {
+    #[inline]
     fn put(&mut self, bytes: &[u8]) {
         self.0 += bytes.len();
     }
@@ -285,6 +286,7 @@ impl<'a> Writer<'a> {
 }
 
 impl Sink for Writer<'_> {
+    #[inline]
     fn put(&mut self, bytes: &[u8]) {
         let end = (self.len + bytes.len()).min(self.buf.len());
         let n = end - self.len;
