@@ -2,7 +2,8 @@
 //! `keepalive` directive whose idle-connection cache can be sliced by a
 //! per-request key (usually `$host`).
 //!
-//! `cache`, `args`, `identity` (what a connection is bound to), `stats`
+//! `cache`, `args`, `keepalive_hint` (a backend's `Keep-Alive` header),
+//! `identity` (what a connection is bound to), `stats`
 //! (counters in shared memory) and `report` (the status page and variable
 //! values) are plain Rust, unit-tested without nginx; the FFI glue is left
 //! out of test builds because a test binary cannot link nginx's symbols.
@@ -10,6 +11,7 @@
 pub mod args;
 pub mod cache;
 pub mod identity;
+pub mod keepalive_hint;
 pub mod report;
 pub mod stats;
 
