@@ -7,7 +7,7 @@ use core::ffi::c_void;
 use core::ptr;
 
 use ngx::ffi::{
-    ngx_conf_t, ngx_http_complex_value_t, ngx_http_request_t,
+    ngx_conf_t, ngx_flag_t, ngx_http_complex_value_t, ngx_http_request_t,
     ngx_http_upstream_init_pt, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_msec_t,
     ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t,
 };
@@ -19,6 +19,7 @@ pub const NGX_OK: ngx_int_t = ngx::ffi::NGX_OK as ngx_int_t;
 pub const NGX_ERROR: ngx_int_t = ngx::ffi::NGX_ERROR as ngx_int_t;
 pub const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
 pub const NGX_CONF_UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
+pub const NGX_CONF_UNSET: ngx_flag_t = -1;
 
 /// nginx 1.29.7's default for an explicit upstream without `keepalive`
 /// (with `local`).
@@ -26,6 +27,8 @@ pub const DEFAULT_CACHED: usize = 32;
 const DEFAULT_REQUESTS: ngx_uint_t = 1000;
 const DEFAULT_TIME: ngx_msec_t = 3_600_000;
 const DEFAULT_TIMEOUT: ngx_msec_t = 60_000;
+/// Node's http.Agent's margin below a backend's `Keep-Alive: timeout`.
+const DEFAULT_HINT_MARGIN: ngx_msec_t = 1000;
 
 /// The slicing part of an upstream's configuration.
 pub struct SliceConf {
@@ -58,12 +61,16 @@ pub unsafe extern "C" fn no_init_peer(
     NGX_ERROR
 }
 
-/// Server (upstream) configuration. The three `ngx_conf_set_*_slot`
+/// Server (upstream) configuration. The `ngx_conf_set_*_slot`
 /// fields keep nginx's types so the stock slot setters can fill them.
 pub struct KeepaliveConf {
     pub requests: ngx_uint_t,
     pub time: ngx_msec_t,
     pub timeout: ngx_msec_t,
+    /// `keepalive_hints` (a backend's `Keep-Alive` header read) and
+    /// `keepalive_hint_margin`.
+    pub hints: ngx_flag_t,
+    pub hint_margin: ngx_msec_t,
 
     /// `keepalive` was given in this upstream (for "is duplicate").
     pub configured: bool,
@@ -87,6 +94,8 @@ impl KeepaliveConf {
             requests: NGX_CONF_UNSET_UINT,
             time: NGX_CONF_UNSET_MSEC,
             timeout: NGX_CONF_UNSET_MSEC,
+            hints: NGX_CONF_UNSET,
+            hint_margin: NGX_CONF_UNSET_MSEC,
             configured: false,
             max_cached: 0,
             local: false,
@@ -124,6 +133,12 @@ pub fn apply_defaults(kcf: &mut KeepaliveConf) {
     }
     if kcf.timeout == NGX_CONF_UNSET_MSEC {
         kcf.timeout = DEFAULT_TIMEOUT;
+    }
+    if kcf.hints == NGX_CONF_UNSET {
+        kcf.hints = 1;
+    }
+    if kcf.hint_margin == NGX_CONF_UNSET_MSEC {
+        kcf.hint_margin = DEFAULT_HINT_MARGIN;
     }
 }
 

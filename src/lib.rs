@@ -34,7 +34,16 @@ macro_rules! ffi_glue {
     )*};
 }
 
-ffi_glue!(conf, identity_ffi, module, peer, session, status, variables);
+ffi_glue!(
+    conf,
+    hint_ffi,
+    identity_ffi,
+    module,
+    peer,
+    session,
+    status,
+    variables
+);
 
 #[cfg(test)]
 mod tests {

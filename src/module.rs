@@ -13,12 +13,12 @@ use core::mem::offset_of;
 use core::ptr;
 
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_cycle_t,
+    ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_cycle_t,
     ngx_http_compile_complex_value, ngx_http_compile_complex_value_t, ngx_http_complex_value_t,
     ngx_http_conf_ctx_t, ngx_http_get_variable_index, ngx_http_module_t,
     ngx_http_upstream_init_round_robin, ngx_http_upstream_main_conf_t,
     ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_module_t,
-    ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_NOARGS, NGX_CONF_TAKE1,
+    ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1,
     NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_EMERG, NGX_LOG_NOTICE,
 };
 use ngx::{ngx_conf_log_error, ngx_log_debug_mask, ngx_log_error, ngx_string};
@@ -29,11 +29,11 @@ use crate::conf::{
     NGX_ERROR, NGX_OK,
 };
 use crate::status::MainConf;
-use crate::{peer, status, variables};
+use crate::{hint_ffi, peer, status, variables};
 
 const NGX_CONF_ERROR: *mut c_char = usize::MAX as *mut c_char;
 
-static mut COMMANDS: [ngx_command_t; 6] = [
+static mut COMMANDS: [ngx_command_t; 8] = [
     ngx_command_t {
         name: ngx_string!("keepalive"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -64,6 +64,22 @@ static mut COMMANDS: [ngx_command_t; 6] = [
         set: Some(ngx_conf_set_num_slot),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(KeepaliveConf, requests),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("keepalive_hints"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_FLAG) as ngx_uint_t,
+        set: Some(ngx_conf_set_flag_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(KeepaliveConf, hints),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("keepalive_hint_margin"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(hint_ffi::margin_directive),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
         post: ptr::null_mut(),
     },
     ngx_command_t {
@@ -388,6 +404,9 @@ unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, _conf: *mut c_void) -> 
             as *mut ngx_http_upstream_main_conf_t;
         if umcf.is_null() {
             return ptr::null_mut();
+        }
+        if hint_ffi::hook_header(cf, umcf) != NGX_OK {
+            return NGX_CONF_ERROR;
         }
         let upstreams = &(*umcf).upstreams;
         let uscfp = upstreams.elts as *const *mut ngx_http_upstream_srv_conf_t;

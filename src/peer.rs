@@ -16,7 +16,7 @@ use ngx::ffi::{
     ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value, ngx_http_core_module, ngx_http_core_srv_conf_t,
     ngx_http_get_flushed_variable, ngx_http_request_t, ngx_http_upstream_srv_conf_t,
     ngx_http_upstream_t, ngx_int_t, ngx_log_t, ngx_palloc, ngx_peer_connection_t, ngx_socket_errno,
-    ngx_str_t, ngx_terminate, ngx_uint_t, NGX_EAGAIN, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
+    ngx_msec_t, ngx_str_t, ngx_table_elt_t, ngx_terminate, ngx_uint_t, NGX_EAGAIN, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
 };
 #[cfg(ngx_feature = "http_ssl")]
 use ngx::ffi::{ngx_event_save_peer_session_pt, ngx_event_set_peer_session_pt, ngx_ssl_shutdown};
@@ -33,6 +33,8 @@ use crate::identity::{session_stamp, MAX_SESSION_STAMP};
 #[cfg(ngx_feature = "http_ssl")]
 use crate::session;
 use crate::identity_ffi::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
+use crate::hint_ffi::{self, IdleHint, CARRIED, HEADER, REPEATED, TIMER};
+use crate::keepalive_hint::NO_LIMIT;
 
 /// Logging kept out of the per-request callbacks: the level is checked
 /// inline, the message is formatted in a cold function. (nginx-sys's macros
@@ -106,6 +108,11 @@ const NGX_PEER_FAILED: ngx_uint_t = ngx::ffi::NGX_PEER_FAILED as ngx_uint_t;
 pub struct SlotHandle {
     idle: *mut IdleState,
     slot: usize,
+    /// What the connection keeps of its backend's `Keep-Alive` headers
+    /// (`hint_ffi::CARRIED`, `TIMER`) and, with `CARRIED`, the requests
+    /// it may carry.
+    hint_flags: u8,
+    hint_carried: u32,
 }
 
 /// One upstream's idle connections in this worker (the configuration is
@@ -154,6 +161,12 @@ struct PeerData {
     /// The bucket of this try's key, found in get peer: free peer stores
     /// into it without looking the key up again (if it still holds it).
     bucket: Option<BucketRef>,
+    /// The backend's `Keep-Alive` header of this try (with `HEADER` in
+    /// `hint_flags`, set by `record_hint`), and the request limit the
+    /// connection carries (with `CARRIED`, set by get peer).
+    hint_header: *const ngx_table_elt_t,
+    hint_flags: u8,
+    hint_carried: u32,
 
     /// The balancer's get (called without asking: every balancer has
     /// one) and free.
@@ -170,7 +183,9 @@ type GetPeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void) -> 
 
 // Peer data comes from the request pool, per request: a few bytes more
 // can move the sliced benchmark's pool across a block (see bench-profile).
-const _: () = assert!(size_of::<PeerData>() <= 152);
+// The Keep-Alive hint's fields took 8 bytes more than the padding had:
+// bench-profile's request pools did not change blocks.
+const _: () = assert!(size_of::<PeerData>() <= 160);
 
 /// The request's `slice_key`, evaluated once in init peer.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -297,6 +312,8 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
         let handles = boxed_slice(kcf.max_cached, |slot| SlotHandle {
             idle: ptr::null_mut(),
             slot,
+            hint_flags: 0,
+            hint_carried: NO_LIMIT,
         });
         let (Some(cache), Some(handles)) = (cache, handles) else {
             log_error!(
@@ -421,6 +438,9 @@ unsafe extern "C" fn init_peer(
             plain_unsliced: matches!(tls, TlsKey::Plain) && slice_state == SliceState::Unsliced,
             tls,
             bucket: None,
+            hint_header: ptr::null(),
+            hint_flags: 0,
+            hint_carried: NO_LIMIT,
             original_get_peer: get,
             original_free_peer: (*pc).free,
             original_notify: (*pc).notify,
@@ -557,8 +577,18 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             };
             kp.bucket.and_then(|b| idle.cache.take_from(b))
         };
-        let kp = &*kp;
         let taken = taken.map(NonNull::as_ptr);
+        // What a reused connection carries of its backend's hints (its
+        // handle is still its data); a new one carries nothing.
+        kp.hint_flags = match taken {
+            Some(c) => {
+                let handle = (*c).data as *const SlotHandle;
+                kp.hint_carried = (*handle).hint_carried;
+                (*handle).hint_flags & CARRIED
+            }
+            None => 0,
+        };
+        let kp = &*kp;
         idle.stats.count(match taken {
             Some(_) => Counter::Reused,
             None => Counter::Missed,
@@ -624,6 +654,7 @@ unsafe fn keepable(
     kp: &PeerData,
     pc: *mut ngx_peer_connection_t,
     state: ngx_uint_t,
+    requests: ngx_uint_t,
 ) -> Option<NonNull<ngx_connection_t>> {
     // SAFETY: see above.
     unsafe {
@@ -641,7 +672,7 @@ unsafe fn keepable(
             && (*rev).timedout() == 0
             && (*wev).error() == 0
             && (*wev).timedout() == 0
-            && (*c).requests < kcf.requests
+            && (*c).requests < requests
             && ngx_current_msec.wrapping_sub((*c).start_time) <= kcf.time
             && (*u).request_body_sent() != 0
             // Graceful shutdown must not create new idle connections.
@@ -660,6 +691,7 @@ unsafe fn unkeepable(
     kp: &PeerData,
     pc: *mut ngx_peer_connection_t,
     state: ngx_uint_t,
+    requests: ngx_uint_t,
 ) -> (NotKept, &'static str) {
     // SAFETY: see above.
     unsafe {
@@ -687,6 +719,9 @@ unsafe fn unkeepable(
         if (*c).requests >= kcf.requests {
             return (NotKept::Requests, "keepalive_requests reached");
         }
+        if (*c).requests >= requests {
+            return (NotKept::KeepaliveHint, "the backend's Keep-Alive header: no reuse");
+        }
         if ngx_current_msec.wrapping_sub((*c).start_time) > kcf.time {
             return (NotKept::Time, "keepalive_time reached");
         }
@@ -707,10 +742,15 @@ unsafe fn unkeepable(
 /// As for [`unkeepable`].
 #[cold]
 #[inline(never)]
-unsafe fn not_kept(kp: &PeerData, pc: *mut ngx_peer_connection_t, state: ngx_uint_t) {
+unsafe fn not_kept(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    state: ngx_uint_t,
+    requests: ngx_uint_t,
+) {
     // SAFETY: see above.
     unsafe {
-        let (reason, text) = unkeepable(kp, pc, state);
+        let (reason, text) = unkeepable(kp, pc, state, requests);
         debug_http!(
             (*pc).log,
             "free keepalive slice peer: not saving: {}",
@@ -769,14 +809,81 @@ unsafe extern "C" fn free_peer(
         let debug = debugging(log);
         debug_http_if!(debug, log, "free keepalive slice peer");
 
-        if let Some(conn) = keepable(kp, pc, state) {
-            keep(kp, pc, conn, log, debug);
+        let kcf = &*kp.conf;
+        if kp.hint_flags != 0 {
+            free_hinted(kp, pc, state, log, debug);
+        } else if let Some(conn) = keepable(kp, pc, state, kcf.requests) {
+            keep(kp, pc, conn, log, debug, IdleHint::none(kcf));
         } else {
-            not_kept(kp, pc, state);
+            not_kept(kp, pc, state, kcf.requests);
         }
 
         if let Some(free) = kp.original_free_peer {
             free(pc, kp.data, state);
+        }
+    }
+}
+
+/// [`free_peer`] of a try whose response had a `Keep-Alive` header, or
+/// whose connection carries a request limit from an earlier one.
+///
+/// # Safety
+/// As for [`keep`].
+#[cold]
+#[inline(never)]
+unsafe fn free_hinted(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    state: ngx_uint_t,
+    log: *mut ngx_log_t,
+    debug: bool,
+) {
+    // SAFETY: see above.
+    unsafe {
+        let flags = kp.hint_flags;
+        let header = (flags & HEADER != 0).then_some(kp.hint_header);
+        let carried = if flags & CARRIED != 0 { kp.hint_carried } else { NO_LIMIT };
+        let kcf = &*kp.conf;
+        let d = hint_ffi::decide(header, flags & REPEATED != 0, carried, (*pc).connection, kcf, log);
+        // Never above keepalive_requests and keepalive_timeout.
+        let requests = d.requests as ngx_uint_t;
+        let Some(conn) = keepable(kp, pc, state, requests) else {
+            not_kept(kp, pc, state, requests);
+            return;
+        };
+        let hint = IdleHint {
+            timeout: d.timeout_ms as ngx_msec_t,
+            flags: if d.carried != NO_LIMIT { CARRIED } else { 0 }
+                | if d.timer_shortened { TIMER } else { 0 },
+            carried: d.carried,
+        };
+        keep(kp, pc, conn, log, debug, hint);
+    }
+}
+
+/// The Keep-Alive header handler's way in (`hint_ffi`): records header
+/// `h` for free peer if the request's peer is ours and its upstream reads
+/// hints (`keepalive_hints`).
+///
+/// # Safety
+/// `u` is a live upstream whose response is being parsed, `h` its header.
+pub unsafe fn record_hint(u: *mut ngx_http_upstream_t, h: *const ngx_table_elt_t) {
+    // SAFETY: see above; a peer whose free is ours has our PeerData.
+    unsafe {
+        let ours: unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void, ngx_uint_t) =
+            free_peer;
+        if (*u).peer.free.map(|f| f as usize) != Some(ours as usize) {
+            return;
+        }
+        let kp = &mut *((*u).peer.data as *mut PeerData);
+        if (*kp.conf).hints == 0 {
+            return;
+        }
+        if kp.hint_flags & HEADER != 0 {
+            kp.hint_flags |= REPEATED;
+        } else {
+            kp.hint_flags |= HEADER;
+            kp.hint_header = h;
         }
     }
 }
@@ -792,6 +899,7 @@ unsafe fn keep(
     conn: NonNull<ngx_connection_t>,
     log: *mut ngx_log_t,
     debug: bool,
+    hint: IdleHint,
 ) {
     // SAFETY: see above.
     unsafe {
@@ -834,6 +942,10 @@ unsafe fn keep(
             idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
+        (*handle).hint_flags = hint.flags;
+        if hint.flags != 0 {
+            (*handle).hint_carried = hint.carried;
+        }
         idle.count(Counter::Kept);
 
         debug_http_if!(
@@ -850,7 +962,7 @@ unsafe fn keep(
         // A connection stored while rate limited (proxy_limit_rate) would
         // otherwise treat its next read timer as a delay timer and stall.
         (*rev).set_delayed(0);
-        ngx::ffi::ngx_add_timer(rev, (*kp.conf).timeout);
+        ngx::ffi::ngx_add_timer(rev, hint.timeout);
         if (*wev).timer_set() != 0 {
             ngx_del_timer(wev);
         }
@@ -1041,7 +1153,12 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
         let reason = if (*c).close() != 0 {
             Closed::Shutdown
         } else if (*(*c).read).timedout() != 0 {
-            Closed::Timeout
+            let handle = &*((*c).data as *const SlotHandle);
+            if handle.hint_flags & TIMER != 0 {
+                Closed::HintTimeout
+            } else {
+                Closed::Timeout
+            }
         } else {
             let mut buf = [0u8; 1];
             let n = libc::recv((*c).fd, buf.as_mut_ptr().cast(), 1, libc::MSG_PEEK);

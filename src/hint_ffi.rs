@@ -1,0 +1,358 @@
+//! A backend's `Keep-Alive` header in nginx (see `keepalive_hint` for what
+//! it means and how it is read): where the header is found, and what a
+//! connection carries of it.
+//!
+//! # Where the header is found
+//!
+//! nginx looks every upstream response header up in the upstream module's
+//! `headers_in_hash` (built in its `init_main_conf` from the static table
+//! `ngx_http_upstream_headers_in[]`) and calls the entry's handler as it
+//! parses the header (`hh->handler(r, h, hh->offset)`, in every release
+//! since 0.x); `Keep-Alive`'s handler ignores it. Our `init_main_conf`
+//! runs after the upstream module's: it points this cycle's hash entry
+//! for `keep-alive` at a copy of nginx's entry (from the cycle's pool)
+//! whose handler is ours. So a response without the header costs nothing
+//! at all: no scan of the headers in free peer. nginx's static table is
+//! never written: after a reload without this module the module is
+//! unloaded, and the next cycle's hash is built from the table again.
+//!
+//! The handler records the header for free peer only when the request is
+//! proxied over HTTP/1.x (`proxy_pass`, the proxy module's output tag):
+//! FastCGI, uwsgi and SCGI headers come from the application and speak of
+//! its client connection, not of the connection to nginx, and HTTP/2
+//! (gRPC, `proxy_http_version 2`) forbids the header; memcached has no
+//! headers. And only when the request's peer is ours
+//! (`peer::record_hint`).
+
+use core::ffi::{c_char, c_void, CStr};
+use core::ptr;
+
+use ngx::core::NgxStr;
+use ngx::ffi::{
+    ngx_command_t, ngx_conf_t, ngx_connection_t, ngx_hash_elt_t, ngx_hash_find, ngx_hash_key,
+    ngx_http_request_t, ngx_http_upstream_header_t, ngx_http_upstream_main_conf_t, ngx_int_t,
+    ngx_log_t, ngx_module_t, ngx_msec_t, ngx_parse_time, ngx_pcalloc, ngx_str_t,
+    ngx_table_elt_t, ngx_uint_t, NGX_LOG_EMERG, NGX_LOG_NOTICE,
+};
+use ngx::{ngx_conf_log_error, ngx_log_debug_mask, ngx_log_error};
+
+use crate::conf::{KeepaliveConf, NGX_CONF_UNSET_MSEC, NGX_ERROR, NGX_OK};
+use crate::keepalive_hint::{
+    decide as decide_hint, parse, Allowed, Decision, Defect, Hint, NoReuse, NO_LIMIT,
+};
+use crate::peer;
+
+/// `hint_flags` of a request's peer data: a header was recorded for this
+/// try, more than one, the connection carries a request limit.
+pub const HEADER: u8 = 1;
+pub const REPEATED: u8 = 2;
+pub const CARRIED: u8 = 4;
+/// `hint_flags` of an idle connection's handle: besides `CARRIED`, its
+/// idle timer is the hint's, shorter than `keepalive_timeout`.
+pub const TIMER: u8 = 8;
+
+/// What an idle connection is kept with.
+#[derive(Clone, Copy)]
+pub struct IdleHint {
+    /// The idle timer.
+    pub timeout: ngx_msec_t,
+    /// `CARRIED`, `TIMER` (for its handle).
+    pub flags: u8,
+    /// With `CARRIED`: the requests it may carry.
+    pub carried: u32,
+}
+
+impl IdleHint {
+    /// Without a hint: `keepalive_timeout`, nothing carried.
+    #[inline(always)]
+    pub fn none(kcf: &KeepaliveConf) -> Self {
+        IdleHint {
+            timeout: kcf.timeout,
+            flags: 0,
+            carried: NO_LIMIT,
+        }
+    }
+}
+
+/// Our entry for `keep-alive` in a cycle's `headers_in_hash`: a copy of
+/// nginx's whose handler is ours and whose `offset` (what nginx passes the
+/// handler) is this entry's address.
+#[repr(C)]
+struct Hook {
+    header: ngx_http_upstream_header_t,
+    /// nginx's entry, whose handler is called first.
+    original: *const ngx_http_upstream_header_t,
+    /// The output tag of requests proxied over HTTP/1.x.
+    proxy: *const ngx_module_t,
+}
+
+const NAME: &[u8] = b"keep-alive";
+
+/// Hooks the `Keep-Alive` header of this cycle (from our `init_main_conf`,
+/// after the upstream module built its hash). Without the proxy module,
+/// or an entry for the header (never seen: the table has had it since
+/// 0.x), hints are not read, with a notice.
+///
+/// # Safety
+/// `cf` is the http block's live configuration, `umcf` its upstream
+/// main conf with `headers_in_hash` built.
+pub unsafe fn hook_header(cf: *mut ngx_conf_t, umcf: *mut ngx_http_upstream_main_conf_t) -> ngx_int_t {
+    // SAFETY: see above; the hash is walked as ngx_hash_find() walks it.
+    unsafe {
+        let Some(proxy) = module_named((*cf).cycle, c"ngx_http_proxy_module") else {
+            return NGX_OK;
+        };
+        let hash = ptr::addr_of_mut!((*umcf).headers_in_hash);
+        let key = ngx_hash_key(NAME.as_ptr().cast_mut(), NAME.len());
+        let Some(elt) = hash_elt(hash, key) else {
+            ngx_log_error!(
+                NGX_LOG_NOTICE,
+                (*cf).log,
+                "keepalive slice: no \"Keep-Alive\" entry in the upstream headers, \
+                 backends' Keep-Alive headers are not read"
+            );
+            return NGX_OK;
+        };
+        let original = (*elt).value as *const ngx_http_upstream_header_t;
+        if original.is_null() {
+            return NGX_OK;
+        }
+        let hook = ngx_pcalloc((*cf).pool, size_of::<Hook>()) as *mut Hook;
+        if hook.is_null() {
+            return NGX_ERROR;
+        }
+        hook.write(Hook {
+            header: ngx_http_upstream_header_t {
+                handler: Some(keepalive_header),
+                offset: hook as ngx_uint_t,
+                ..*original
+            },
+            original,
+            proxy,
+        });
+        (*elt).value = hook.cast();
+        let found = ngx_hash_find(hash, key, NAME.as_ptr().cast_mut(), NAME.len());
+        if found != hook.cast() {
+            // The walk found another entry than nginx's lookup does: put
+            // it back, hints are not read.
+            (*elt).value = original.cast_mut().cast();
+            ngx_log_error!(
+                NGX_LOG_NOTICE,
+                (*cf).log,
+                "keepalive slice: the upstream headers hash is not as expected, \
+                 backends' Keep-Alive headers are not read"
+            );
+            return NGX_OK;
+        }
+        ngx_log_debug_mask!(
+            DebugMask::Http,
+            (*cf).log,
+            "keepalive slice: backends' Keep-Alive headers read"
+        );
+    }
+    NGX_OK
+}
+
+/// The element of `hash` named `keep-alive`, as `ngx_hash_find()` finds
+/// it: the bucket `key % size`, elements of a pointer, a length and the
+/// lowercase name, each aligned to a pointer, up to a null value.
+///
+/// # Safety
+/// `hash` must be a built nginx hash.
+unsafe fn hash_elt(hash: *mut ngx::ffi::ngx_hash_t, key: ngx_uint_t) -> Option<*mut ngx_hash_elt_t> {
+    // SAFETY: see above.
+    unsafe {
+        let size = (*hash).size;
+        if (*hash).buckets.is_null() || size == 0 {
+            return None;
+        }
+        let mut elt = *(*hash).buckets.add(key % size);
+        if elt.is_null() {
+            return None;
+        }
+        while !(*elt).value.is_null() {
+            let len = usize::from((*elt).len);
+            let name = ptr::addr_of!((*elt).name).cast::<u8>();
+            if core::slice::from_raw_parts(name, len) == NAME {
+                return Some(elt);
+            }
+            let next = name as usize + len;
+            let align = size_of::<*mut c_void>();
+            elt = (next.div_ceil(align) * align) as *mut ngx_hash_elt_t;
+        }
+        None
+    }
+}
+
+/// A module of the cycle, by name.
+///
+/// # Safety
+/// `cycle` is a live cycle whose module list is set.
+unsafe fn module_named(cycle: *mut ngx::ffi::ngx_cycle_t, name: &CStr) -> Option<*const ngx_module_t> {
+    // SAFETY: cycle->modules is NULL-terminated; names are C strings.
+    unsafe {
+        let mut m = (*cycle).modules;
+        if m.is_null() {
+            return None;
+        }
+        while !(*m).is_null() {
+            if !(**m).name.is_null() && CStr::from_ptr((**m).name) == name {
+                return Some(*m);
+            }
+            m = m.add(1);
+        }
+        None
+    }
+}
+
+/// The `Keep-Alive` header's handler, called as nginx parses the header.
+unsafe extern "C" fn keepalive_header(
+    r: *mut ngx_http_request_t,
+    h: *mut ngx_table_elt_t,
+    offset: ngx_uint_t,
+) -> ngx_int_t {
+    // SAFETY: offset is our Hook (see hook_header), live for the cycle;
+    // r is the request whose upstream sent the header.
+    unsafe {
+        let hook = offset as *const Hook;
+        if hook.is_null() {
+            return NGX_OK;
+        }
+        let original = (*hook).original;
+        if let Some(handler) = (*original).handler {
+            let rc = handler(r, h, (*original).offset);
+            if rc != NGX_OK {
+                return rc;
+            }
+        }
+        let u = (*r).upstream;
+        if u.is_null() || (*u).output.tag.cast_const() != (*hook).proxy.cast() {
+            return NGX_OK;
+        }
+        peer::record_hint(u, h);
+    }
+    NGX_OK
+}
+
+/// What the hint of this try, if any, and the limit the connection
+/// carries do to connection `c`; said in the debug log. `header` is the
+/// try's `Keep-Alive` header (with `repeated`: the first of several).
+///
+/// # Safety
+/// `header` and `c` (if not null) are the live request's; `log` is live.
+#[cold]
+#[inline(never)]
+pub unsafe fn decide(
+    header: Option<*const ngx_table_elt_t>,
+    repeated: bool,
+    carried: u32,
+    c: *const ngx_connection_t,
+    kcf: &KeepaliveConf,
+    log: *mut ngx_log_t,
+) -> Decision {
+    // SAFETY: see above.
+    unsafe {
+        let requests = if c.is_null() { 0 } else { (*c).requests as u64 };
+        let allowed = Allowed {
+            requests: kcf.requests as u64,
+            timeout_ms: kcf.timeout as u64,
+            margin_ms: kcf.hint_margin as u64,
+        };
+        let value = header.map(|h| (*h).value.as_bytes()).unwrap_or_default();
+        let hint: Option<Hint> = match header {
+            None => None,
+            Some(_) if repeated => {
+                ignored(log, value, Defect::MoreThanOneHeader);
+                None
+            }
+            Some(_) => match parse(value) {
+                Ok(hint) => Some(hint),
+                Err(defect) => {
+                    ignored(log, value, defect);
+                    None
+                }
+            },
+        };
+        let d = decide_hint(hint.as_ref(), carried, requests, &allowed);
+        if header.is_some() || d.no_reuse.is_some() {
+            ngx_log_debug_mask!(
+                DebugMask::Http,
+                log,
+                "keepalive hint \"{}\": idle timer {} ms{}, requests limited to {} \
+                 (keepalive_requests {}, carried {}){}",
+                NgxStr::from_bytes(value),
+                d.timeout_ms,
+                if d.timer_shortened {
+                    " (shortened from keepalive_timeout)"
+                } else {
+                    ""
+                },
+                d.requests,
+                allowed.requests,
+                Carried(d.carried),
+                match d.no_reuse {
+                    Some(NoReuse::Timeout) => ", no reuse: timeout not above keepalive_hint_margin",
+                    Some(NoReuse::Max) => ", no reuse: max used up",
+                    None => "",
+                }
+            );
+        }
+        d
+    }
+}
+
+/// A carried limit in the debug log.
+struct Carried(u32);
+
+impl core::fmt::Display for Carried {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            NO_LIMIT => write!(f, "none"),
+            n => write!(f, "{n}"),
+        }
+    }
+}
+
+fn ignored(log: *mut ngx_log_t, value: &[u8], defect: Defect) {
+    ngx_log_debug_mask!(
+        DebugMask::Http,
+        log,
+        "keepalive hint \"{}\" ignored: {}",
+        NgxStr::from_bytes(value),
+        defect
+    );
+}
+
+/// `keepalive_hint_margin time;`: as nginx's msec slot, naming the value
+/// when it is not a time.
+pub extern "C" fn margin_directive(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: nginx passes our srv conf and the parsed arguments (TAKE1).
+    unsafe {
+        let kcf = &mut *(conf as *mut KeepaliveConf);
+        if kcf.hint_margin != NGX_CONF_UNSET_MSEC {
+            return c"is duplicate".as_ptr().cast_mut();
+        }
+        let args = (*(*cf).args).as_slice::<ngx_str_t>();
+        let Some(&value) = args.get(1) else {
+            return usize::MAX as *mut c_char;
+        };
+        let mut parsed = value;
+        let ms = ngx_parse_time(&mut parsed, 0);
+        if ms == NGX_ERROR {
+            ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "invalid value \"{}\" in \"keepalive_hint_margin\" directive, \
+                 it must be a time (1s, 500ms)",
+                NgxStr::from_bytes(value.as_bytes())
+            );
+            return usize::MAX as *mut c_char;
+        }
+        kcf.hint_margin = ms as ngx_msec_t;
+    }
+    ptr::null_mut()
+}
