@@ -126,7 +126,7 @@ $t->run();
 
 $t->waitforsocket('127.0.0.1:' . port($_)) for 8081 .. 8085;
 
-$t->plan(40);
+$t->plan(42);
 
 ###############################################################################
 
@@ -222,6 +222,12 @@ is(conn_of($r), $conn + 1, 'timeout=1, not above the margin: not kept');
 
 is(counters('u')->{not_kept}{keepalive_hint} - $before, 2,
 	'max=0, timeout=1: counted as not_kept keepalive_hint');
+
+my $prom = http_get('/status?format=prometheus');
+like($prom, qr/^nginx_upstream_keepalive_closed_total\{upstream="u",reason="hint_timeout"\} 1$/m,
+	'prometheus: closed hint_timeout');
+like($prom, qr/^nginx_upstream_keepalive_not_kept_total\{upstream="u",reason="keepalive_hint"\} [1-9]\d*$/m,
+	'prometheus: not_kept keepalive_hint');
 
 $r = get('/u/?ka=Timeout+%3D+%221%22+,+MAX=9');
 $conn = conn_of($r);
