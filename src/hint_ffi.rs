@@ -7,22 +7,32 @@
 //! nginx looks every upstream response header up in the upstream module's
 //! `headers_in_hash` (built in its `init_main_conf` from the static table
 //! `ngx_http_upstream_headers_in[]`) and calls the entry's handler as it
-//! parses the header (`hh->handler(r, h, hh->offset)`, in every release
-//! since 0.x); `Keep-Alive`'s handler ignores it. Our `init_main_conf`
-//! runs after the upstream module's: it points this cycle's hash entry
-//! for `keep-alive` at a copy of nginx's entry (from the cycle's pool)
-//! whose handler is ours. So a response without the header costs nothing
-//! at all: no scan of the headers in free peer. nginx's static table is
-//! never written: after a reload without this module the module is
-//! unloaded, and the next cycle's hash is built from the table again.
+//! parses the header (`hh->handler(r, h, hh->offset)`, the same from
+//! nginx 1.18 to 1.31 at least); `Keep-Alive`'s handler ignores it. Our
+//! `init_main_conf` runs after the upstream module's: it points this
+//! cycle's hash entry for `keep-alive` at a copy of nginx's entry (from
+//! the cycle's pool) whose handler is ours, which calls nginx's first. So
+//! a response without the header costs nothing at all: no scan of the
+//! headers in free peer. nginx's static table is never written: after a
+//! reload without this module the module is unloaded, and the next
+//! cycle's hash is built from the table again.
 //!
-//! The handler records the header for free peer only when the request is
-//! proxied over HTTP/1.x (`proxy_pass`, the proxy module's output tag):
-//! FastCGI, uwsgi and SCGI headers come from the application and speak of
-//! its client connection, not of the connection to nginx, and HTTP/2
-//! (gRPC, `proxy_http_version 2`) forbids the header; memcached has no
-//! headers. And only when the request's peer is ours
-//! (`peer::record_hint`).
+//! The handler only sets a flag in the request's peer data (`HEADER`);
+//! free peer, seeing it, finds the header in the response's header list
+//! (out of line: only responses with the header pay for it) and parses
+//! it, so that two headers are told apart from one. It does so only when
+//! the request is proxied over HTTP/1.x (`proxy_pass`, the proxy module's
+//! output tag): FastCGI, uwsgi and SCGI headers come from the application
+//! and speak of its client connection, not of the connection to nginx,
+//! and HTTP/2 (gRPC, `proxy_http_version 2`) forbids the header;
+//! memcached has no headers. And only when the request's peer is ours and
+//! its upstream reads hints (`peer::record_hint`).
+//!
+//! # What a connection carries
+//!
+//! One `u32` (`HEADER`, `CARRIED` and its limit, `TIMER`), in the peer
+//! data while the connection is busy and in its slot's handle while it is
+//! idle: get peer copies it from the handle, keep back into it.
 
 use core::ffi::{c_char, c_void, CStr};
 use core::ptr;
@@ -30,7 +40,8 @@ use core::ptr;
 use ngx::core::NgxStr;
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_connection_t, ngx_hash_elt_t, ngx_hash_find, ngx_hash_key,
-    ngx_http_request_t, ngx_http_upstream_header_t, ngx_http_upstream_main_conf_t, ngx_int_t,
+    ngx_http_request_t, ngx_http_upstream_header_t, ngx_http_upstream_main_conf_t,
+    ngx_http_upstream_t, ngx_int_t,
     ngx_log_t, ngx_module_t, ngx_msec_t, ngx_parse_time, ngx_pcalloc, ngx_str_t,
     ngx_table_elt_t, ngx_uint_t, NGX_LOG_EMERG, NGX_LOG_NOTICE,
 };
@@ -42,24 +53,33 @@ use crate::keepalive_hint::{
 };
 use crate::peer;
 
-/// `hint_flags` of a request's peer data: a header was recorded for this
-/// try, more than one, the connection carries a request limit.
-pub const HEADER: u8 = 1;
-pub const REPEATED: u8 = 2;
-pub const CARRIED: u8 = 4;
-/// `hint_flags` of an idle connection's handle: besides `CARRIED`, its
-/// idle timer is the hint's, shorter than `keepalive_timeout`.
-pub const TIMER: u8 = 8;
+/// What a connection carries of its backend's hints, in one `u32` (the
+/// peer data's and the idle connection's handle's): flags in the low
+/// bits, the carried request limit above them.
+///
+/// In the peer data: the response has a `Keep-Alive` header.
+pub const HEADER: u32 = 1;
+/// The connection carries a request limit (`max`), in the bits from
+/// `CARRIED_SHIFT` up.
+pub const CARRIED: u32 = 2;
+/// In an idle connection's handle: its idle timer is the hint's, shorter
+/// than `keepalive_timeout`.
+pub const TIMER: u32 = 4;
+/// Free peer looks at the hint at all.
+pub const HINTED: u32 = HEADER | CARRIED;
+const CARRIED_SHIFT: u32 = 4;
+/// The largest request limit a connection carries: a larger one (268
+/// million requests on one connection) is not carried, and
+/// `keepalive_requests` alone applies, as without a hint.
+const MAX_CARRIED: u32 = u32::MAX >> CARRIED_SHIFT;
 
 /// What an idle connection is kept with.
 #[derive(Clone, Copy)]
 pub struct IdleHint {
     /// The idle timer.
     pub timeout: ngx_msec_t,
-    /// `CARRIED`, `TIMER` (for its handle).
-    pub flags: u8,
-    /// With `CARRIED`: the requests it may carry.
-    pub carried: u32,
+    /// For its handle: `CARRIED` and the limit, `TIMER`.
+    pub packed: u32,
 }
 
 impl IdleHint {
@@ -68,8 +88,7 @@ impl IdleHint {
     pub fn none(kcf: &KeepaliveConf) -> Self {
         IdleHint {
             timeout: kcf.timeout,
-            flags: 0,
-            carried: NO_LIMIT,
+            packed: 0,
         }
     }
 }
@@ -229,27 +248,28 @@ unsafe extern "C" fn keepalive_header(
         if u.is_null() || (*u).output.tag.cast_const() != (*hook).proxy.cast() {
             return NGX_OK;
         }
-        peer::record_hint(u, h);
+        peer::record_hint(u);
     }
     NGX_OK
 }
 
-/// What the hint of this try, if any, and the limit the connection
-/// carries do to connection `c`; said in the debug log. `header` is the
-/// try's `Keep-Alive` header (with `repeated`: the first of several).
+/// What the response's `Keep-Alive` header (with `HEADER` in `hint`)
+/// and the limit the connection carries (`CARRIED`) allow connection `c`
+/// of upstream `u`: the requests it may have carried to be kept, and what
+/// it is kept with. Said in the debug log.
 ///
 /// # Safety
-/// `header` and `c` (if not null) are the live request's; `log` is live.
+/// `u` is the live request's upstream, `c` its connection or null; `log`
+/// is live.
 #[cold]
 #[inline(never)]
 pub unsafe fn decide(
-    header: Option<*const ngx_table_elt_t>,
-    repeated: bool,
-    carried: u32,
+    hint: u32,
+    u: *const ngx_http_upstream_t,
     c: *const ngx_connection_t,
     kcf: &KeepaliveConf,
     log: *mut ngx_log_t,
-) -> Decision {
+) -> (ngx_uint_t, IdleHint) {
     // SAFETY: see above.
     unsafe {
         let requests = if c.is_null() { 0 } else { (*c).requests as u64 };
@@ -258,47 +278,99 @@ pub unsafe fn decide(
             timeout_ms: kcf.timeout as u64,
             margin_ms: kcf.hint_margin as u64,
         };
-        let value = header.map(|h| (*h).value.as_bytes()).unwrap_or_default();
-        let hint: Option<Hint> = match header {
-            None => None,
-            Some(_) if repeated => {
-                ignored(log, value, Defect::MoreThanOneHeader);
+        let carried = if hint & CARRIED != 0 {
+            hint >> CARRIED_SHIFT
+        } else {
+            NO_LIMIT
+        };
+        let (value, parsed) = if hint & HEADER != 0 {
+            header(u)
+        } else {
+            (&[][..], None)
+        };
+        let parsed = match parsed {
+            Some(Ok(h)) => Some(h),
+            Some(Err(defect)) => {
+                ignored(log, value, defect);
                 None
             }
-            Some(_) => match parse(value) {
-                Ok(hint) => Some(hint),
-                Err(defect) => {
-                    ignored(log, value, defect);
-                    None
-                }
-            },
+            None => None,
         };
-        let d = decide_hint(hint.as_ref(), carried, requests, &allowed);
-        if header.is_some() || d.no_reuse.is_some() {
-            ngx_log_debug_mask!(
-                DebugMask::Http,
-                log,
-                "keepalive hint \"{}\": idle timer {} ms{}, requests limited to {} \
-                 (keepalive_requests {}, carried {}){}",
-                NgxStr::from_bytes(value),
-                d.timeout_ms,
-                if d.timer_shortened {
-                    " (shortened from keepalive_timeout)"
-                } else {
-                    ""
-                },
-                d.requests,
-                allowed.requests,
-                Carried(d.carried),
-                match d.no_reuse {
-                    Some(NoReuse::Timeout) => ", no reuse: timeout not above keepalive_hint_margin",
-                    Some(NoReuse::Max) => ", no reuse: max used up",
-                    None => "",
-                }
-            );
+        let d = decide_hint(parsed.as_ref(), carried, requests, &allowed);
+        if hint & HEADER != 0 || d.no_reuse.is_some() {
+            said(log, value, &d, &allowed);
         }
-        d
+        let mut packed = if d.timer_shortened { TIMER } else { 0 };
+        if d.carried <= MAX_CARRIED {
+            packed |= CARRIED | d.carried << CARRIED_SHIFT;
+        }
+        // Never above keepalive_requests and keepalive_timeout.
+        let idle = IdleHint {
+            timeout: d.timeout_ms as ngx_msec_t,
+            packed,
+        };
+        (d.requests as ngx_uint_t, idle)
     }
+}
+
+/// The response's `Keep-Alive` header, parsed: the first one's value, and
+/// `None` if there is none (a response of a try that failed before its
+/// header). Only responses with the header get here (the handler saw it).
+///
+/// # Safety
+/// `u` is a live upstream.
+unsafe fn header<'a>(u: *const ngx_http_upstream_t) -> (&'a [u8], Option<Result<Hint, Defect>>) {
+    // SAFETY: the header list of the response, in the request's pool.
+    unsafe {
+        let mut found: Option<&[u8]> = None;
+        let mut part = ptr::addr_of!((*u).headers_in.headers.part);
+        while !part.is_null() {
+            let elts = (*part).elts as *const ngx_table_elt_t;
+            for i in 0..(*part).nelts {
+                let h = &*elts.add(i);
+                if h.hash == 0 || h.key.len != NAME.len() || h.lowcase_key.is_null() {
+                    continue;
+                }
+                if core::slice::from_raw_parts(h.lowcase_key, NAME.len()) != NAME {
+                    continue;
+                }
+                if let Some(first) = found {
+                    return (first, Some(Err(Defect::MoreThanOneHeader)));
+                }
+                found = Some(h.value.as_bytes());
+            }
+            part = (*part).next;
+        }
+        match found {
+            Some(value) => (value, Some(parse(value))),
+            None => (&[], None),
+        }
+    }
+}
+
+/// What a hint did, in the debug log.
+fn said(log: *mut ngx_log_t, value: &[u8], d: &Decision, allowed: &Allowed) {
+    ngx_log_debug_mask!(
+        DebugMask::Http,
+        log,
+        "keepalive hint \"{}\": idle timer {} ms{}, requests limited to {} \
+         (keepalive_requests {}, carried {}){}",
+        NgxStr::from_bytes(value),
+        d.timeout_ms,
+        if d.timer_shortened {
+            " (shortened from keepalive_timeout)"
+        } else {
+            ""
+        },
+        d.requests,
+        allowed.requests,
+        Carried(d.carried),
+        match d.no_reuse {
+            Some(NoReuse::Timeout) => ", no reuse: timeout not above keepalive_hint_margin",
+            Some(NoReuse::Max) => ", no reuse: max used up",
+            None => "",
+        }
+    );
 }
 
 /// A carried limit in the debug log.

@@ -16,13 +16,14 @@ use ngx::ffi::{
     ngx_event_t, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value, ngx_http_core_module, ngx_http_core_srv_conf_t,
     ngx_http_get_flushed_variable, ngx_http_request_t, ngx_http_upstream_srv_conf_t,
     ngx_http_upstream_t, ngx_int_t, ngx_log_t, ngx_palloc, ngx_peer_connection_t, ngx_socket_errno,
-    ngx_msec_t, ngx_str_t, ngx_table_elt_t, ngx_terminate, ngx_uint_t, NGX_EAGAIN, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
+    ngx_str_t, ngx_terminate, ngx_uint_t, NGX_EAGAIN, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
 };
 #[cfg(ngx_feature = "http_ssl")]
 use ngx::ffi::{ngx_event_save_peer_session_pt, ngx_event_set_peer_session_pt, ngx_ssl_shutdown};
 use ngx::{ngx_log_debug_mask, ngx_log_error};
 
 use crate::args::parse_number;
+use crate::args::MAX_CONNECTIONS;
 use crate::cache::{boxed_slice, BucketKey, BucketRef, IdleCache, Refusal};
 use crate::conf::{apply_defaults, free_with_cycle, no_init_peer, srv_conf, KeepaliveConf, SliceConf, NGX_ERROR, NGX_OK};
 use crate::stats::{Closed, Counter, NotKept, UpstreamStats};
@@ -33,8 +34,7 @@ use crate::identity::{session_stamp, MAX_SESSION_STAMP};
 #[cfg(ngx_feature = "http_ssl")]
 use crate::session;
 use crate::identity_ffi::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
-use crate::hint_ffi::{self, IdleHint, CARRIED, HEADER, REPEATED, TIMER};
-use crate::keepalive_hint::NO_LIMIT;
+use crate::hint_ffi::{self, IdleHint, HEADER, HINTED, TIMER};
 
 /// Logging kept out of the per-request callbacks: the level is checked
 /// inline, the message is formatted in a cold function. (nginx-sys's macros
@@ -107,12 +107,11 @@ const NGX_PEER_FAILED: ngx_uint_t = ngx::ffi::NGX_PEER_FAILED as ngx_uint_t;
 /// at its handle, so the close handler finds its slot without a search.
 pub struct SlotHandle {
     idle: *mut IdleState,
-    slot: usize,
+    /// (`u32`: 16 bytes a handle, `MAX_CONNECTIONS` slots at most.)
+    slot: u32,
     /// What the connection keeps of its backend's `Keep-Alive` headers
-    /// (`hint_ffi::CARRIED`, `TIMER`) and, with `CARRIED`, the requests
-    /// it may carry.
-    hint_flags: u8,
-    hint_carried: u32,
+    /// (see `hint_ffi::IdleHint`).
+    hint: u32,
 }
 
 /// One upstream's idle connections in this worker (the configuration is
@@ -124,6 +123,9 @@ pub struct IdleState {
     pub stats: UpstreamStats,
     /// The configuration uses `$upstream_keepalive_*`: record each try.
     pub log_tries: bool,
+    /// What the connection being freed is kept with: set by
+    /// `free_hinted` when a hint decided it, back to none after.
+    next: IdleHint,
     /// Random, per upstream and configuration: part of the stamp of the
     /// TLS sessions saved through this upstream (see `session`).
     session_nonce: u64,
@@ -161,12 +163,10 @@ struct PeerData {
     /// The bucket of this try's key, found in get peer: free peer stores
     /// into it without looking the key up again (if it still holds it).
     bucket: Option<BucketRef>,
-    /// The backend's `Keep-Alive` header of this try (with `HEADER` in
-    /// `hint_flags`, set by `record_hint`), and the request limit the
-    /// connection carries (with `CARRIED`, set by get peer).
-    hint_header: *const ngx_table_elt_t,
-    hint_flags: u8,
-    hint_carried: u32,
+    /// The connection's hint as its handle had it (set by get peer), and
+    /// `hint_ffi::HEADER` when the response has a `Keep-Alive` header
+    /// (set by `record_hint`).
+    hint: u32,
 
     /// The balancer's get (called without asking: every balancer has
     /// one) and free.
@@ -183,9 +183,8 @@ type GetPeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void) -> 
 
 // Peer data comes from the request pool, per request: a few bytes more
 // can move the sliced benchmark's pool across a block (see bench-profile).
-// The Keep-Alive hint's fields took 8 bytes more than the padding had:
-// bench-profile's request pools did not change blocks.
-const _: () = assert!(size_of::<PeerData>() <= 160);
+const _: () = assert!(size_of::<PeerData>() <= 152);
+const _: () = assert!(MAX_CONNECTIONS <= u32::MAX as usize && size_of::<SlotHandle>() == 16);
 
 /// The request's `slice_key`, evaluated once in init peer.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -311,9 +310,8 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
         };
         let handles = boxed_slice(kcf.max_cached, |slot| SlotHandle {
             idle: ptr::null_mut(),
-            slot,
-            hint_flags: 0,
-            hint_carried: NO_LIMIT,
+            slot: slot as u32,
+            hint: 0,
         });
         let (Some(cache), Some(handles)) = (cache, handles) else {
             log_error!(
@@ -340,6 +338,7 @@ pub unsafe fn init_keepalive(cf: *mut ngx_conf_t, us: *mut ngx_http_upstream_srv
             handles,
             stats: UpstreamStats::new(),
             log_tries: false,
+            next: IdleHint::none(kcf),
             session_nonce: random_nonce(),
         };
         let Some(idle) = free_with_cycle(cf, Box::new(state)) else {
@@ -438,9 +437,7 @@ unsafe extern "C" fn init_peer(
             plain_unsliced: matches!(tls, TlsKey::Plain) && slice_state == SliceState::Unsliced,
             tls,
             bucket: None,
-            hint_header: ptr::null(),
-            hint_flags: 0,
-            hint_carried: NO_LIMIT,
+            hint: 0,
             original_get_peer: get,
             original_free_peer: (*pc).free,
             original_notify: (*pc).notify,
@@ -580,12 +577,8 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         let taken = taken.map(NonNull::as_ptr);
         // What a reused connection carries of its backend's hints (its
         // handle is still its data); a new one carries nothing.
-        kp.hint_flags = match taken {
-            Some(c) => {
-                let handle = (*c).data as *const SlotHandle;
-                kp.hint_carried = (*handle).hint_carried;
-                (*handle).hint_flags & CARRIED
-            }
+        kp.hint = match taken {
+            Some(c) => (*((*c).data as *const SlotHandle)).hint,
             None => 0,
         };
         let kp = &*kp;
@@ -654,7 +647,6 @@ unsafe fn keepable(
     kp: &PeerData,
     pc: *mut ngx_peer_connection_t,
     state: ngx_uint_t,
-    requests: ngx_uint_t,
 ) -> Option<NonNull<ngx_connection_t>> {
     // SAFETY: see above.
     unsafe {
@@ -672,7 +664,7 @@ unsafe fn keepable(
             && (*rev).timedout() == 0
             && (*wev).error() == 0
             && (*wev).timedout() == 0
-            && (*c).requests < requests
+            && (*c).requests < kcf.requests
             && ngx_current_msec.wrapping_sub((*c).start_time) <= kcf.time
             && (*u).request_body_sent() != 0
             // Graceful shutdown must not create new idle connections.
@@ -765,6 +757,7 @@ unsafe fn not_kept(
 ///
 /// # Safety
 /// The request of `kp` must be live.
+#[inline(always)]
 unsafe fn bucket_limit(kp: &PeerData, log: *mut ngx_log_t) -> Option<usize> {
     // SAFETY: see above.
     unsafe {
@@ -809,13 +802,12 @@ unsafe extern "C" fn free_peer(
         let debug = debugging(log);
         debug_http_if!(debug, log, "free keepalive slice peer");
 
-        let kcf = &*kp.conf;
-        if kp.hint_flags != 0 {
+        if kp.hint & HINTED != 0 {
             free_hinted(kp, pc, state, log, debug);
-        } else if let Some(conn) = keepable(kp, pc, state, kcf.requests) {
-            keep(kp, pc, conn, log, debug, IdleHint::none(kcf));
+        } else if let Some(conn) = keepable(kp, pc, state) {
+            keep(kp, pc, conn, log, debug);
         } else {
-            not_kept(kp, pc, state, kcf.requests);
+            not_kept(kp, pc, state, (*kp.conf).requests);
         }
 
         if let Some(free) = kp.original_free_peer {
@@ -824,11 +816,13 @@ unsafe extern "C" fn free_peer(
     }
 }
 
-/// [`free_peer`] of a try whose response had a `Keep-Alive` header, or
-/// whose connection carries a request limit from an earlier one.
+/// [`free_peer`] of a try whose response has a `Keep-Alive` header, or
+/// whose connection carries a request limit from an earlier one: not
+/// kept if the hint says no further request, otherwise kept with what
+/// the hint says (`IdleState::next`, for [`keep`]).
 ///
 /// # Safety
-/// As for [`keep`].
+/// As for [`keepable`].
 #[cold]
 #[inline(never)]
 unsafe fn free_hinted(
@@ -840,34 +834,28 @@ unsafe fn free_hinted(
 ) {
     // SAFETY: see above.
     unsafe {
-        let flags = kp.hint_flags;
-        let header = (flags & HEADER != 0).then_some(kp.hint_header);
-        let carried = if flags & CARRIED != 0 { kp.hint_carried } else { NO_LIMIT };
+        let c = (*pc).connection;
         let kcf = &*kp.conf;
-        let d = hint_ffi::decide(header, flags & REPEATED != 0, carried, (*pc).connection, kcf, log);
-        // Never above keepalive_requests and keepalive_timeout.
-        let requests = d.requests as ngx_uint_t;
-        let Some(conn) = keepable(kp, pc, state, requests) else {
+        let (requests, hint) = hint_ffi::decide(kp.hint, kp.upstream, c, kcf, log);
+        if !c.is_null() && (*c).requests >= requests {
             not_kept(kp, pc, state, requests);
-            return;
-        };
-        let hint = IdleHint {
-            timeout: d.timeout_ms as ngx_msec_t,
-            flags: if d.carried != NO_LIMIT { CARRIED } else { 0 }
-                | if d.timer_shortened { TIMER } else { 0 },
-            carried: d.carried,
-        };
-        keep(kp, pc, conn, log, debug, hint);
+        } else if let Some(conn) = keepable(kp, pc, state) {
+            (*kcf.idle).next = hint;
+            keep(kp, pc, conn, log, debug);
+            (*kcf.idle).next = IdleHint::none(kcf);
+        } else {
+            not_kept(kp, pc, state, kcf.requests);
+        }
     }
 }
 
-/// The Keep-Alive header handler's way in (`hint_ffi`): records header
-/// `h` for free peer if the request's peer is ours and its upstream reads
-/// hints (`keepalive_hints`).
+/// The Keep-Alive header handler's way in (`hint_ffi`): tells free peer
+/// the response has the header, if the request's peer is ours and its
+/// upstream reads hints (`keepalive_hints`).
 ///
 /// # Safety
-/// `u` is a live upstream whose response is being parsed, `h` its header.
-pub unsafe fn record_hint(u: *mut ngx_http_upstream_t, h: *const ngx_table_elt_t) {
+/// `u` is a live upstream whose response is being parsed.
+pub unsafe fn record_hint(u: *mut ngx_http_upstream_t) {
     // SAFETY: see above; a peer whose free is ours has our PeerData.
     unsafe {
         let ours: unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void, ngx_uint_t) =
@@ -879,12 +867,7 @@ pub unsafe fn record_hint(u: *mut ngx_http_upstream_t, h: *const ngx_table_elt_t
         if (*kp.conf).hints == 0 {
             return;
         }
-        if kp.hint_flags & HEADER != 0 {
-            kp.hint_flags |= REPEATED;
-        } else {
-            kp.hint_flags |= HEADER;
-            kp.hint_header = h;
-        }
+        kp.hint |= HEADER;
     }
 }
 
@@ -899,7 +882,6 @@ unsafe fn keep(
     conn: NonNull<ngx_connection_t>,
     log: *mut ngx_log_t,
     debug: bool,
-    hint: IdleHint,
 ) {
     // SAFETY: see above.
     unsafe {
@@ -942,10 +924,9 @@ unsafe fn keep(
             idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
-        (*handle).hint_flags = hint.flags;
-        if hint.flags != 0 {
-            (*handle).hint_carried = hint.carried;
-        }
+        // keepalive_timeout, or the hint's (free_hinted).
+        let hint = idle.next;
+        (*handle).hint = hint.packed;
         idle.count(Counter::Kept);
 
         debug_http_if!(
@@ -1064,6 +1045,7 @@ fn not_kept_because(refusal: &Refusal) -> NotKept {
 ///
 /// # Safety
 /// `pc` holds a connection of the live request of `kp`.
+#[inline(always)]
 unsafe fn tls_keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t) -> bool {
     let TlsKey::Tls { state, .. } = &kp.tls else {
         return true;
@@ -1154,7 +1136,7 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
             Closed::Shutdown
         } else if (*(*c).read).timedout() != 0 {
             let handle = &*((*c).data as *const SlotHandle);
-            if handle.hint_flags & TIMER != 0 {
+            if handle.hint & TIMER != 0 {
                 Closed::HintTimeout
             } else {
                 Closed::Timeout
@@ -1180,7 +1162,7 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
 
         let handle = &*((*c).data as *const SlotHandle);
         let idle = &mut *handle.idle;
-        idle.cache.remove(handle.slot);
+        idle.cache.remove(handle.slot as usize);
         idle.count(Counter::Closed(reason));
         close_connection(c);
     }
