@@ -683,7 +683,8 @@ sub _http_idle_act {
 # END_REQUEST, otherwise close it), PARAMS until an empty record, STDIN
 # until an empty record; then STDOUT, an empty STDOUT and END_REQUEST.
 #
-# Options: log => $path, as for http_backend.
+# Options: log => $path, as for http_backend.  REQUEST_URI's ?ka=<value>
+# adds a Keep-Alive header to the response, as for http_backend.
 #
 # Close reasons logged: eof, eof-reset, close-requested (no FCGI_KEEP_CONN).
 
@@ -824,10 +825,22 @@ sub _fcgi_respond {
 	my $n = ++$c->{nreq};
 	_log($srv, "request conn=$c->{id} req=$n host=$host uri=$uri");
 
+	# ?ka=<value>: a Keep-Alive header, as for http_backend (a FastCGI
+	# application's header speaks of its client's connection)
+	my $ka = '';
+	my ($query) = $uri =~ /\?(.*)/s;
+	for (split /&/, $query // '') {
+		next unless s/^ka=//;
+		tr/+/ /;
+		s/%([0-9a-fA-F]{2})/chr hex $1/ge;
+		$ka .= "Keep-Alive: $_\r\n";
+	}
+
 	my $out = "Status: 200 OK\r\n"
 		. "X-Connection: $c->{id}\r\n"
 		. "X-Request: $n\r\n"
 		. "Content-Type: text/plain\r\n"
+		. $ka
 		. "\r\n"
 		. "conn=$c->{id} req=$n uri=$uri\n";
 
