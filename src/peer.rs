@@ -675,10 +675,13 @@ unsafe fn keepable(
 }
 
 /// Why [`keepable`] said no: the first of its checks that fails, in the
-/// order the status page counts them, or the read event.
+/// order the status page counts them, or the read event. `requests` is
+/// the most requests the connection may have carried: `keepalive_requests`,
+/// or fewer when the backend's `Keep-Alive` header says so (`free_hinted`).
 ///
 /// # Safety
-/// As for [`keepable`], called right after it.
+/// As for [`keepable`], called right after it (or instead of it, when the
+/// hint says no).
 unsafe fn unkeepable(
     kp: &PeerData,
     pc: *mut ngx_peer_connection_t,
