@@ -108,58 +108,77 @@ impl fmt::Display for Defect {
     }
 }
 
+#[inline(always)]
 fn is_ows(b: u8) -> bool {
     b == b' ' || b == b'\t'
 }
 
-/// RFC 9110 tchar.
+/// RFC 9110 tchar, by byte: a table, as a header's every byte is asked.
+static TCHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    table
+};
+
+#[inline(always)]
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
 }
 
-/// A byte cursor over the header value.
-struct Cursor<'a> {
-    s: &'a [u8],
-    at: usize,
+/// The first position from `i` on that is not optional whitespace.
+#[inline(always)]
+fn skip_ows(s: &[u8], mut i: usize) -> usize {
+    while i < s.len() && is_ows(s[i]) {
+        i += 1;
+    }
+    i
 }
 
-impl<'a> Cursor<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.at).copied()
+/// The end of the token starting at `i` (`i` itself if there is none).
+#[inline(always)]
+fn token_end(s: &[u8], mut i: usize) -> usize {
+    while i < s.len() && is_tchar(s[i]) {
+        i += 1;
     }
+    i
+}
 
-    fn skip_ows(&mut self) {
-        while self.peek().is_some_and(is_ows) {
-            self.at += 1;
+/// The closing quote of the quoted string whose content starts at `i`
+/// (escapes skipped, not resolved: a value with `\` is no number), or
+/// `None` if it is not terminated or holds a control character.
+#[inline]
+fn closing_quote(s: &[u8], mut i: usize) -> Option<usize> {
+    while i < s.len() {
+        match s[i] {
+            b'"' => return Some(i),
+            b'\\' => i += 2,
+            b'\t' | b' '..=b'~' | 0x80..=0xff => i += 1,
+            _ => return None,
         }
     }
-
-    fn token(&mut self) -> &'a [u8] {
-        let start = self.at;
-        while self.peek().is_some_and(is_tchar) {
-            self.at += 1;
-        }
-        self.s.get(start..self.at).unwrap_or_default()
-    }
-
-    /// A quoted string after its opening quote, without escapes resolved
-    /// (`None` if unterminated); a value with `\` is returned as is, and
-    /// is no number.
-    fn quoted(&mut self) -> Option<&'a [u8]> {
-        let start = self.at;
-        loop {
-            match self.peek()? {
-                b'"' => {
-                    let value = self.s.get(start..self.at)?;
-                    self.at += 1;
-                    return Some(value);
-                }
-                b'\\' => self.at += 2,
-                b'\t' | b' '..=b'~' | 0x80..=0xff => self.at += 1,
-                _ => return None,
-            }
-        }
-    }
+    None
 }
 
 /// The value of a `timeout` or `max` parameter.
@@ -170,68 +189,107 @@ fn number(value: &[u8], param: Param) -> Result<u32, Defect> {
     if !value.iter().all(u8::is_ascii_digit) {
         return Err(Defect::NotANumber(param));
     }
-    let mut n: u32 = 0;
+    let mut n: u64 = 0;
     for &d in value {
-        n = n
-            .checked_mul(10)
-            .and_then(|n| n.checked_add(u32::from(d - b'0')))
-            .filter(|&n| n <= MAX_NUMBER)
-            .ok_or(Defect::Overflow(param))?;
+        n = n * 10 + u64::from(d - b'0');
+        if n > u64::from(MAX_NUMBER) {
+            return Err(Defect::Overflow(param));
+        }
     }
-    Ok(n)
+    Ok(n as u32)
 }
 
 /// Parses one `Keep-Alive` header value.
-pub fn parse(value: &[u8]) -> Result<Hint, Defect> {
-    if value.len() > MAX_LEN {
-        return Err(Defect::TooLong(value.len()));
+pub fn parse(s: &[u8]) -> Result<Hint, Defect> {
+    match canonical(s) {
+        Some(hint) => Ok(hint),
+        None => parse_list(s),
     }
-    let mut c = Cursor { s: value, at: 0 };
+}
+
+/// The digits at the start of `s`, if there are some and they are a
+/// number this module reads, and what follows them.
+#[inline(always)]
+fn leading_number(s: &[u8]) -> Option<(u32, &[u8])> {
+    let digits = s.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 10 {
+        return None;
+    }
+    let (number, rest) = s.split_at(digits);
+    let n = number
+        .iter()
+        .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+    (n <= u64::from(MAX_NUMBER)).then_some((n as u32, rest))
+}
+
+/// The header as Apache (`timeout=5, max=100`) and Node (`timeout=5`)
+/// write it, read without the list parser: every response of theirs has
+/// it. `None` for anything else, which [`parse_list`] reads (the same
+/// result for these, as the unit tests check).
+#[inline]
+fn canonical(s: &[u8]) -> Option<Hint> {
+    let rest = s.strip_prefix(b"timeout=")?;
+    let (timeout, rest) = leading_number(rest)?;
+    if rest.is_empty() {
+        return Some(Hint {
+            timeout: Some(timeout),
+            max: None,
+        });
+    }
+    let (max, rest) = leading_number(rest.strip_prefix(b", max=")?)?;
+    rest.is_empty().then_some(Hint {
+        timeout: Some(timeout),
+        max: Some(max),
+    })
+}
+
+/// Parses one `Keep-Alive` header value as an HTTP list (RFC 9110 5.6.1).
+fn parse_list(s: &[u8]) -> Result<Hint, Defect> {
+    if s.len() > MAX_LEN {
+        return Err(Defect::TooLong(s.len()));
+    }
     let mut hint = Hint::default();
     let mut any = false;
+    let mut i = 0;
     loop {
-        c.skip_ows();
-        match c.peek() {
-            None => break,
-            // An empty list element.
-            Some(b',') => {
-                c.at += 1;
-                continue;
-            }
-            Some(_) => {}
+        i = skip_ows(s, i);
+        if i == s.len() {
+            break;
         }
-        let name_at = c.at;
-        let name = c.token();
-        if name.is_empty() {
+        if s[i] == b',' {
+            // An empty list element.
+            i += 1;
+            continue;
+        }
+        let name_at = i;
+        i = token_end(s, i);
+        if i == name_at {
             return Err(Defect::Syntax(name_at));
         }
+        let name = &s[name_at..i];
         any = true;
-        c.skip_ows();
-        let mut param_value = None;
-        if c.peek() == Some(b'=') {
-            c.at += 1;
-            c.skip_ows();
-            let value_at = c.at;
-            let v = if c.peek() == Some(b'"') {
-                c.at += 1;
-                c.quoted().ok_or(Defect::Syntax(value_at))?
+        i = skip_ows(s, i);
+        let mut value: &[u8] = &[];
+        if i < s.len() && s[i] == b'=' {
+            i = skip_ows(s, i + 1);
+            let value_at = i;
+            if i < s.len() && s[i] == b'"' {
+                let end = closing_quote(s, i + 1).ok_or(Defect::Syntax(value_at))?;
+                value = &s[i + 1..end];
+                i = end + 1;
             } else {
-                let v = c.token();
-                if v.is_empty() {
-                    // `timeout=` and `timeout=,`: a value is missing; a
-                    // byte that cannot start one is bad syntax.
-                    if !matches!(c.peek(), None | Some(b',')) {
-                        return Err(Defect::Syntax(value_at));
-                    }
+                i = token_end(s, i);
+                // `timeout=` and `timeout=,`: a value is missing; a byte
+                // that cannot start one is bad syntax.
+                if i == value_at && i < s.len() && s[i] != b',' {
+                    return Err(Defect::Syntax(value_at));
                 }
-                v
-            };
-            param_value = Some(v);
-            c.skip_ows();
+                value = &s[value_at..i];
+            }
+            i = skip_ows(s, i);
         }
-        match c.peek() {
-            None | Some(b',') => {}
-            Some(_) => return Err(Defect::Syntax(c.at)),
+        if i < s.len() && s[i] != b',' {
+            return Err(Defect::Syntax(i));
         }
 
         let (param, slot) = if name.eq_ignore_ascii_case(b"timeout") {
@@ -245,7 +303,7 @@ pub fn parse(value: &[u8]) -> Result<Hint, Defect> {
         if slot.is_some() {
             return Err(Defect::Repeated(param));
         }
-        *slot = Some(number(param_value.unwrap_or_default(), param)?);
+        *slot = Some(number(value, param)?);
     }
     if !any {
         return Err(Defect::Empty);
@@ -406,6 +464,15 @@ mod tests {
     }
 
     #[test]
+    fn tchar_is_rfc_9110s() {
+        let listed = b"!#$%&'*+-.^_`|~";
+        for b in 0..=255u8 {
+            let expected = b.is_ascii_alphanumeric() || listed.contains(&b);
+            assert_eq!(is_tchar(b), expected, "{b:#x}");
+        }
+    }
+
+    #[test]
     fn oversized_headers_are_not_read() {
         let mut long = b"timeout=5, ".to_vec();
         long.resize(MAX_LEN, b' ');
@@ -473,12 +540,37 @@ mod tests {
             assert_eq!(parse(value.as_bytes()), hint(timeout, max), "{value:?}");
         }
 
+        // the shortcut for Apache's and Node's spelling reads what the
+        // list parser reads
+        for _ in 0..50_000 {
+            let t = next() % 6_000_000_000;
+            let m = next() % 6_000_000_000;
+            let value = match next() % 4 {
+                0 => format!("timeout={t}"),
+                1 => format!("timeout={t}, max={m}"),
+                2 => format!("timeout=0{t}, max={m}"),
+                _ => format!("timeout={}, max={m}", t % 100),
+            };
+            let bytes = value.as_bytes();
+            if let Some(h) = canonical(bytes) {
+                assert_eq!(parse_list(bytes), Ok(h), "{value:?}");
+            }
+            assert_eq!(parse(bytes), parse_list(bytes), "{value:?}");
+            // Apache's and Node's own values take the shortcut
+            let apache = format!("timeout={}, max={}", t % 100, m % 1000);
+            assert!(canonical(apache.as_bytes()).is_some(), "{apache:?}");
+        }
+
         let alphabet = b"timeoutmax=0123456789,\" \t-;\\x";
         for _ in 0..50_000 {
             let len = (next() % 24) as usize;
             let bytes: Vec<u8> = (0..len)
                 .map(|_| alphabet[(next() as usize) % alphabet.len()])
                 .collect();
+            assert_eq!(parse(&bytes), parse_list(&bytes));
+            if let Some(h) = canonical(&bytes) {
+                assert_eq!(parse_list(&bytes), Ok(h));
+            }
             if let Ok(h) = parse(&bytes) {
                 let text = String::from_utf8_lossy(&bytes).to_ascii_lowercase();
                 if let Some(t) = h.timeout {
