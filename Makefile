@@ -17,6 +17,8 @@
 #   make test NGINX=1.31.4 [NGINX_TARBALLS=DIR]
 #                             the suites against another nginx release (mk/versions.mk)
 #   make test TEST_NGINX_LIB=DIR   the suites under nginx's own Test::Nginx library
+#   make test-backends        real Apache and Node behind nginx, their Keep-Alive
+#                             headers honoured (mk/backends.mk, ~1 min)
 #
 # Your own nginx instead of the vendored one (configured --with-compat):
 #   make build NGINX_SOURCE_DIR=/path/to/nginx NGINX_BUILD_DIR=/path/to/nginx/objs

@@ -90,6 +90,16 @@ my @CONFIGS = (
 	{ name => "ours, $SERVERS servers `random` `keepalive 4096`", kind => 'ours',
 		ka => 'keepalive 4096;', many => 1, hosts => 1,
 		base => "stock, $SERVERS servers `random` `keepalive 4096`" },
+	# The cost of a backend's Keep-Alive header (keepalive_hints): read
+	# and honoured on every response, and with the hints off.
+	{ name => 'stock, backend sends `Keep-Alive: timeout=30, max=1000000`', kind => 'stock',
+		ka => 'keepalive 64;', hosts => 1, path => '/hint' },
+	{ name => 'ours, backend sends `Keep-Alive: timeout=30, max=1000000`', kind => 'ours',
+		ka => 'keepalive 64;', hosts => 1, path => '/hint',
+		base => 'stock, backend sends `Keep-Alive: timeout=30, max=1000000`' },
+	{ name => 'ours `keepalive_hints off`, backend sends `Keep-Alive`', kind => 'ours',
+		ka => 'keepalive 64; keepalive_hints off;', hosts => 1, path => '/hint',
+		base => 'stock, backend sends `Keep-Alive: timeout=30, max=1000000`' },
 	# The cost of $upstream_keepalive_*: the same access log line with and
 	# without them (the difference is recording the tries and printing).
 	{ name => 'ours sliced, access log', kind => 'ours', log => 'plain',
@@ -125,6 +135,10 @@ http {
     keepalive_timeout 600s;
     server {
 $listen        location / { return 200 "ok\\n"; }
+        location /hint {
+            add_header Keep-Alive "timeout=30, max=1000000";
+            return 200 "ok\\n";
+        }
     }
 }
 EOF
@@ -137,6 +151,7 @@ for my $c (@CONFIGS) {
 		? "        random;\n" . join('', map { "        server 127.0.0.1:$_;\n" } @server_ports)
 		: "        server 127.0.0.1:" . ($c->{tls} ? $tls_port : $backend_port) . ";\n";
 	my $scheme = $c->{tls} ? 'https' : 'http';
+	my $path = $c->{path} // '';
 	my $load = $c->{kind} eq 'ours' ? "load_module $SO;" : '';
 	my $out = "$tmp/callgrind.out.$i";
 	my $log = $c->{log}
@@ -160,7 +175,7 @@ $members        $c->{ka}
     server {
         listen 127.0.0.1:$front_port;
         location / {
-            proxy_pass $scheme://u;
+            proxy_pass $scheme://u$path;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
         }

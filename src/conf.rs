@@ -6,7 +6,7 @@ use core::ptr;
 
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_http_complex_value_t, ngx_http_request_t, ngx_http_upstream_init_pt,
+    ngx_flag_t, ngx_http_complex_value_t, ngx_http_request_t, ngx_http_upstream_init_pt,
     ngx_http_upstream_srv_conf_t, ngx_http_variable_t, ngx_int_t, ngx_msec_t, ngx_str_t,
     ngx_uint_t,
 };
@@ -19,6 +19,7 @@ use crate::idle::IdleState;
 /// bindings do not carry: what the slot setters find unset.
 pub const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
 pub const NGX_CONF_UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
+pub const NGX_CONF_UNSET: ngx_flag_t = -1;
 
 /// nginx 1.29.7's default for an explicit upstream without `keepalive`
 /// (with `local`).
@@ -26,6 +27,8 @@ pub const DEFAULT_CACHED: usize = 32;
 const DEFAULT_REQUESTS: ngx_uint_t = 1000;
 const DEFAULT_TIME: ngx_msec_t = 3_600_000;
 const DEFAULT_TIMEOUT: ngx_msec_t = 60_000;
+/// Node's http.Agent's margin below a backend's `Keep-Alive: timeout`.
+const DEFAULT_HINT_MARGIN: ngx_msec_t = 1000;
 
 /// The slicing part of an upstream's configuration.
 pub struct SliceConf {
@@ -61,12 +64,16 @@ pub unsafe extern "C" fn no_init_peer(
     Status::NGX_ERROR.0
 }
 
-/// Server (upstream) configuration. The three `ngx_conf_set_*_slot`
-/// fields keep nginx's types so the stock slot setters can fill them.
+/// Server (upstream) configuration. The `ngx_conf_set_*_slot` fields
+/// keep nginx's types so the stock slot setters can fill them.
 pub struct KeepaliveConf {
     pub requests: ngx_uint_t,
     pub time: ngx_msec_t,
     pub timeout: ngx_msec_t,
+    /// `keepalive_hints` (a backend's `Keep-Alive` header read) and
+    /// `keepalive_hint_margin`.
+    pub hints: ngx_flag_t,
+    pub hint_margin: ngx_msec_t,
 
     /// `keepalive` was given in this upstream (for "is duplicate").
     pub configured: bool,
@@ -90,6 +97,8 @@ impl KeepaliveConf {
             requests: NGX_CONF_UNSET_UINT,
             time: NGX_CONF_UNSET_MSEC,
             timeout: NGX_CONF_UNSET_MSEC,
+            hints: NGX_CONF_UNSET,
+            hint_margin: NGX_CONF_UNSET_MSEC,
             configured: false,
             max_cached: 0,
             local: false,
@@ -111,6 +120,12 @@ impl KeepaliveConf {
         }
         if self.timeout == NGX_CONF_UNSET_MSEC {
             self.timeout = DEFAULT_TIMEOUT;
+        }
+        if self.hints == NGX_CONF_UNSET {
+            self.hints = 1;
+        }
+        if self.hint_margin == NGX_CONF_UNSET_MSEC {
+            self.hint_margin = DEFAULT_HINT_MARGIN;
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The directives of an upstream: `keepalive` with its slicing
-//! parameters (the three `keepalive_*` slots are nginx's own setters, see
-//! the command table in `lib.rs`), and the upstreams nginx 1.29.7 and
-//! later cache without a `keepalive` line.
+//! parameters (the `keepalive_*` slots are nginx's own setters, see the
+//! command table in `lib.rs`), and at `init_main_conf` the upstreams nginx
+//! 1.29.7 and later cache without a `keepalive` line and the hook of the
+//! backends' `Keep-Alive` header (`hint`).
 //!
 //! `keepalive` and friends reach this module before nginx's own keepalive
 //! module because the module is ordered before it (`ngx_module_order`, or
@@ -26,7 +27,7 @@ use keepalive_slice_core::args::{parse_keepalive, single_variable, ArgError};
 
 use crate::conf::{KeepaliveConf, SliceConf, DEFAULT_CACHED, NGX_CONF_UNSET_UINT};
 use crate::module::Module;
-use crate::peer;
+use crate::{hint, peer};
 
 /// The arguments of the directive being parsed, its name first.
 ///
@@ -205,9 +206,12 @@ pub unsafe extern "C" fn init_main_conf(cf: *mut ngx_conf_t, _conf: *mut c_void)
     // SAFETY: cf is the http block's configuration; the upstream module's
     // main conf lists every upstream, explicit ones with their srv_conf.
     unsafe {
-        let Some(umcf) = NgxHttpUpstreamModule::main_conf(&*cf) else {
+        let Some(umcf) = NgxHttpUpstreamModule::main_conf_mut(&*cf) else {
             return NGX_CONF_OK;
         };
+        if hint::hook_header(cf, umcf, peer::record_hint) != Status::NGX_OK.0 {
+            return NGX_CONF_ERROR;
+        }
         for &uscf in umcf
             .upstreams
             .as_slice::<*mut ngx_http_upstream_srv_conf_t>()

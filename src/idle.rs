@@ -19,17 +19,64 @@ use ngx::ffi::{
 
 use ngx::core::Status;
 
+use keepalive_slice_core::args::MAX_CONNECTIONS;
 use keepalive_slice_core::cache::{boxed_slice, IdleCache};
 use keepalive_slice_core::stats::{Closed, Counter, UpstreamStats};
 
 use crate::log::debug_http;
 
+/// What a connection carries of its backend's `Keep-Alive` hints (see
+/// `hint`), in one `u32` (the peer data's and the idle connection's
+/// handle's): flags in the low bits, the carried request limit above them.
+///
+/// In the peer data: the response has a `Keep-Alive` header.
+pub const HEADER: u32 = 1;
+/// The connection carries a request limit (`max`), in the bits from
+/// `CARRIED_SHIFT` up.
+pub const CARRIED: u32 = 2;
+/// In an idle connection's handle: its idle timer is the hint's, shorter
+/// than `keepalive_timeout`.
+pub const TIMER: u32 = 4;
+/// Free peer looks at the hint at all.
+pub const HINTED: u32 = HEADER | CARRIED;
+pub const CARRIED_SHIFT: u32 = 4;
+/// The largest request limit a connection carries: a larger one (268
+/// million requests on one connection) is not carried, and
+/// `keepalive_requests` alone applies, as without a hint.
+pub const MAX_CARRIED: u32 = u32::MAX >> CARRIED_SHIFT;
+
+/// What an idle connection is kept with.
+#[derive(Clone, Copy)]
+pub struct IdleHint {
+    /// The idle timer.
+    pub timeout: ngx_msec_t,
+    /// For its handle: `CARRIED` and the limit, `TIMER`.
+    pub packed: u32,
+}
+
+impl IdleHint {
+    /// Without a hint: `keepalive_timeout`, nothing carried.
+    #[inline(always)]
+    pub fn none(keepalive_timeout: ngx_msec_t) -> Self {
+        IdleHint {
+            timeout: keepalive_timeout,
+            packed: 0,
+        }
+    }
+}
+
 /// Where an idle connection sits: `c->data` of an idle connection points
 /// at its handle, so the close handler finds its slot without a search.
 pub struct SlotHandle {
     idle: *mut IdleState,
-    slot: usize,
+    /// (`u32`: 16 bytes a handle, `MAX_CONNECTIONS` slots at most.)
+    slot: u32,
+    /// What the connection keeps of its backend's `Keep-Alive` headers
+    /// (`IdleHint::packed`).
+    pub hint: u32,
 }
+
+const _: () = assert!(MAX_CONNECTIONS <= u32::MAX as usize && size_of::<SlotHandle>() == 16);
 
 /// One upstream's idle connections in this worker (the configuration is
 /// copied into each worker by fork, and with it this state).
@@ -41,6 +88,9 @@ pub struct IdleState {
     pub stats: UpstreamStats,
     /// The configuration uses `$upstream_keepalive_*`: record each try.
     pub log_tries: bool,
+    /// What the connection being freed is kept with: set by free peer when
+    /// a hint decided it, back to none after.
+    pub next: IdleHint,
     /// Random, per upstream and configuration: part of the stamp of the
     /// TLS sessions saved through this upstream (see `session`).
     pub session_nonce: u64,
@@ -48,23 +98,30 @@ pub struct IdleState {
 
 impl IdleState {
     /// The state of a cache of `capacity` connections, sliced into
-    /// `poolsize` buckets of `keylen` key bytes, or unsliced; `None` if the
-    /// memory is not there. Its handles point at it once it has its final
-    /// address ([`IdleState::bind_handles`]).
-    pub fn new(capacity: usize, sliced: Option<(usize, usize)>) -> Option<Self> {
+    /// `poolsize` buckets of `keylen` key bytes, or unsliced, kept for
+    /// `keepalive_timeout` without a hint; `None` if the memory is not
+    /// there. Its handles point at it once it has its final address
+    /// ([`IdleState::bind_handles`]).
+    pub fn new(
+        capacity: usize,
+        sliced: Option<(usize, usize)>,
+        keepalive_timeout: ngx_msec_t,
+    ) -> Option<Self> {
         let cache = match sliced {
             Some((poolsize, keylen)) => IdleCache::new(capacity, poolsize, keylen)?,
             None => IdleCache::unsliced(capacity)?,
         };
         let handles = boxed_slice(capacity, |slot| SlotHandle {
             idle: ptr::null_mut(),
-            slot,
+            slot: slot as u32,
+            hint: 0,
         })?;
         Some(IdleState {
             cache,
             handles,
             stats: UpstreamStats::new(),
             log_tries: false,
+            next: IdleHint::none(keepalive_timeout),
             session_nonce: random_nonce(),
         })
     }
@@ -109,7 +166,7 @@ fn random_nonce() -> u64 {
 }
 
 /// Parks connection `c`, just stored in `handle`'s slot, for
-/// `timeout` milliseconds.
+/// `timeout` milliseconds (`keepalive_timeout`, or shorter by a hint).
 ///
 /// # Safety
 /// `c` is a live connection, out of its request, and `handle` its slot's.
@@ -192,7 +249,12 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
         let reason = if (*c).close() != 0 {
             Closed::Shutdown
         } else if (*(*c).read).timedout() != 0 {
-            Closed::Timeout
+            let handle = &*((*c).data as *const SlotHandle);
+            if handle.hint & TIMER != 0 {
+                Closed::HintTimeout
+            } else {
+                Closed::Timeout
+            }
         } else {
             let mut buf = [0u8; 1];
             let n = libc::recv((*c).fd, buf.as_mut_ptr().cast(), 1, libc::MSG_PEEK);
@@ -214,7 +276,7 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
 
         let handle = &*((*c).data as *const SlotHandle);
         let idle = &mut *handle.idle;
-        idle.cache.remove(handle.slot);
+        idle.cache.remove(handle.slot as usize);
         idle.count(Counter::Closed(reason));
         close_connection(c);
     }

@@ -15,6 +15,7 @@
 //!   typed accessors of its configurations;
 //! - `tls`, `session`: what a request's connection is bound to, as nginx
 //!   holds it; TLS sessions stamped with it;
+//! - `hint`: a backend's `Keep-Alive` header, found as nginx parses it;
 //! - `variables`: `$upstream_keepalive_*`;
 //! - `peer`: the per-request callbacks (init, get, free peer);
 //! - `status`: the counters' shared zone and `keepalive_status`;
@@ -37,6 +38,7 @@
 
 mod conf;
 mod directives;
+mod hint;
 mod idle;
 mod log;
 mod module;
@@ -52,17 +54,18 @@ use core::ptr;
 
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_cycle_t,
-    ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_NOARGS,
-    NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MODULE,
-    NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_NOTICE,
+    ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot,
+    ngx_conf_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t,
+    NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF,
+    NGX_LOG_NOTICE,
 };
 use ngx::{ngx_log_error, ngx_string};
 
 use crate::conf::{KeepaliveConf, MainConf};
 use crate::module::VERSION;
 
-static mut COMMANDS: [ngx_command_t; 6] = [
+static mut COMMANDS: [ngx_command_t; 8] = [
     ngx_command_t {
         name: ngx_string!("keepalive"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -93,6 +96,22 @@ static mut COMMANDS: [ngx_command_t; 6] = [
         set: Some(ngx_conf_set_num_slot),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(KeepaliveConf, requests),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("keepalive_hints"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_FLAG) as ngx_uint_t,
+        set: Some(ngx_conf_set_flag_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(KeepaliveConf, hints),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("keepalive_hint_margin"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(hint::margin_directive),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: 0,
         post: ptr::null_mut(),
     },
     ngx_command_t {

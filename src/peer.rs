@@ -30,7 +30,8 @@ use keepalive_slice_core::identity::{session_stamp, MAX_SESSION_STAMP};
 use keepalive_slice_core::stats::{Counter, NotKept};
 
 use crate::conf::{no_init_peer, KeepaliveConf, SliceConf};
-use crate::idle::{self, close_connection, IdleState};
+use crate::hint;
+use crate::idle::{self, close_connection, IdleHint, IdleState, SlotHandle, HEADER, HINTED};
 use crate::log::{debug_http, debug_http_if, debugging, log_error};
 use crate::module::{allocate, Module};
 #[cfg(ngx_feature = "http_ssl")]
@@ -61,6 +62,10 @@ struct PeerData {
     /// The bucket of this try's key, found in get peer: free peer stores
     /// into it without looking the key up again (if it still holds it).
     bucket: Option<BucketRef>,
+    /// The connection's hint as its handle had it (set by get peer), and
+    /// `idle::HEADER` when the response has a `Keep-Alive` header (set by
+    /// `record_hint`).
+    hint: u32,
 
     /// The balancer's get (called without asking: every balancer has
     /// one) and free.
@@ -206,7 +211,7 @@ pub unsafe fn init_keepalive(
             .as_ref()
             .map(|slice| (slice.poolsize.min(most_useful), slice.keylen));
         let (poolsize, keylen) = sliced.unwrap_or((kcf.max_cached.saturating_add(1), 0));
-        let Some(state) = IdleState::new(kcf.max_cached, sliced) else {
+        let Some(state) = IdleState::new(kcf.max_cached, sliced, kcf.timeout) else {
             log_error!(
                 NGX_LOG_EMERG,
                 (*cf).log,
@@ -305,6 +310,7 @@ unsafe extern "C" fn init_peer(
             plain_unsliced: matches!(tls, TlsKey::Plain) && slice_state == SliceState::Unsliced,
             tls,
             bucket: None,
+            hint: 0,
             original_get_peer: get,
             original_free_peer: (*pc).free,
             original_notify: (*pc).notify,
@@ -441,8 +447,14 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             };
             kp.bucket.and_then(|b| idle.cache.take_from(b))
         };
-        let kp = &*kp;
         let taken = taken.map(NonNull::as_ptr);
+        // What a reused connection carries of its backend's hints (its
+        // handle is still its data); a new one carries nothing.
+        kp.hint = match taken {
+            Some(c) => (*((*c).data as *const SlotHandle)).hint,
+            None => 0,
+        };
+        let kp = &*kp;
         idle.stats.count(match taken {
             Some(_) => Counter::Reused,
             None => Counter::Missed,
@@ -515,14 +527,18 @@ unsafe fn keepable(
 }
 
 /// Why [`keepable`] said no: the first of its checks that fails, in the
-/// order the status page counts them, or the read event.
+/// order the status page counts them, or the read event. `requests` is
+/// the most requests the connection may have carried: `keepalive_requests`,
+/// or fewer when the backend's `Keep-Alive` header says so (`free_hinted`).
 ///
 /// # Safety
-/// As for [`keepable`], called right after it.
+/// As for [`keepable`], called right after it (or instead of it, when the
+/// hint says no).
 unsafe fn unkeepable(
     kp: &PeerData,
     pc: *mut ngx_peer_connection_t,
     state: ngx_uint_t,
+    requests: ngx_uint_t,
 ) -> (NotKept, &'static str) {
     // SAFETY: see above.
     unsafe {
@@ -550,6 +566,12 @@ unsafe fn unkeepable(
         if (*c).requests >= kcf.requests {
             return (NotKept::Requests, "keepalive_requests reached");
         }
+        if (*c).requests >= requests {
+            return (
+                NotKept::KeepaliveHint,
+                "the backend's Keep-Alive header: no reuse",
+            );
+        }
         if ngx_current_msec.wrapping_sub((*c).start_time) > kcf.time {
             return (NotKept::Time, "keepalive_time reached");
         }
@@ -570,10 +592,15 @@ unsafe fn unkeepable(
 /// As for [`unkeepable`].
 #[cold]
 #[inline(never)]
-unsafe fn not_kept(kp: &PeerData, pc: *mut ngx_peer_connection_t, state: ngx_uint_t) {
+unsafe fn not_kept(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    state: ngx_uint_t,
+    requests: ngx_uint_t,
+) {
     // SAFETY: see above.
     unsafe {
-        let (reason, text) = unkeepable(kp, pc, state);
+        let (reason, text) = unkeepable(kp, pc, state, requests);
         debug_http!((*pc).log, "free keepalive slice peer: not saving: {}", text);
         (*(*kp.conf).idle).count(Counter::NotKept(reason));
     }
@@ -584,6 +611,7 @@ unsafe fn not_kept(kp: &PeerData, pc: *mut ngx_peer_connection_t, state: ngx_uin
 ///
 /// # Safety
 /// The request of `kp` must be live.
+#[inline(always)]
 unsafe fn bucket_limit(kp: &PeerData, log: *mut ngx_log_t) -> Option<usize> {
     // SAFETY: see above.
     unsafe {
@@ -628,15 +656,72 @@ unsafe extern "C" fn free_peer(
         let debug = debugging(log);
         debug_http_if!(debug, log, "free keepalive slice peer");
 
-        if let Some(conn) = keepable(kp, pc, state) {
+        if kp.hint & HINTED != 0 {
+            free_hinted(kp, pc, state, log, debug);
+        } else if let Some(conn) = keepable(kp, pc, state) {
             keep(kp, pc, conn, log, debug);
         } else {
-            not_kept(kp, pc, state);
+            not_kept(kp, pc, state, (*kp.conf).requests);
         }
 
         if let Some(free) = kp.original_free_peer {
             free(pc, kp.data, state);
         }
+    }
+}
+
+/// [`free_peer`] of a try whose response has a `Keep-Alive` header, or
+/// whose connection carries a request limit from an earlier one: not
+/// kept if the hint says no further request, otherwise kept with what
+/// the hint says (`IdleState::next`, for [`keep`]).
+///
+/// # Safety
+/// As for [`keepable`].
+#[cold]
+#[inline(never)]
+unsafe fn free_hinted(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    state: ngx_uint_t,
+    log: *mut ngx_log_t,
+    debug: bool,
+) {
+    // SAFETY: see above.
+    unsafe {
+        let c = (*pc).connection;
+        let kcf = &*kp.conf;
+        let (requests, next) = hint::decide(kp.hint, kp.upstream, c, kcf, log);
+        if !c.is_null() && (*c).requests >= requests {
+            not_kept(kp, pc, state, requests);
+        } else if let Some(conn) = keepable(kp, pc, state) {
+            (*kcf.idle).next = next;
+            keep(kp, pc, conn, log, debug);
+            (*kcf.idle).next = IdleHint::none(kcf.timeout);
+        } else {
+            not_kept(kp, pc, state, kcf.requests);
+        }
+    }
+}
+
+/// The `Keep-Alive` header handler's way in (`hint::hook_header`): tells
+/// free peer the response has the header, if the request's peer is ours
+/// and its upstream reads hints (`keepalive_hints`).
+///
+/// # Safety
+/// `u` is a live upstream whose response is being parsed.
+pub unsafe fn record_hint(u: *mut ngx_http_upstream_t) {
+    // SAFETY: see above; a peer whose free is ours has our PeerData.
+    unsafe {
+        let ours: unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void, ngx_uint_t) =
+            free_peer;
+        if (*u).peer.free.map(|f| f as usize) != Some(ours as usize) {
+            return;
+        }
+        let kp = &mut *((*u).peer.data as *mut PeerData);
+        if (*kp.conf).hints == 0 {
+            return;
+        }
+        kp.hint |= HEADER;
     }
 }
 
@@ -696,6 +781,9 @@ unsafe fn keep(
             idle.count(Counter::NotKept(NotKept::Error));
             return;
         };
+        // keepalive_timeout, or the hint's (free_hinted).
+        let next = idle.next;
+        (*handle).hint = next.packed;
         idle.count(Counter::Kept);
 
         debug_http_if!(
@@ -707,7 +795,7 @@ unsafe fn keep(
         );
 
         (*pc).connection = ptr::null_mut();
-        idle::park(c, handle, (*kp.conf).timeout);
+        idle::park(c, handle, next.timeout);
     }
 }
 
@@ -792,6 +880,7 @@ fn not_kept_because(refusal: &Refusal) -> NotKept {
 ///
 /// # Safety
 /// `pc` holds a connection of the live request of `kp`.
+#[inline(always)]
 unsafe fn tls_keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t) -> bool {
     let TlsKey::Tls { state, .. } = &kp.tls else {
         return true;

@@ -1,7 +1,8 @@
 #!/usr/bin/perl
 
 # Tests for upstream keepalive: configuration.  Bad "keepalive",
-# "keepalive_timeout", "keepalive_time" and "keepalive_requests" in
+# "keepalive_timeout", "keepalive_time", "keepalive_requests",
+# "keepalive_hints" and "keepalive_hint_margin" in
 # upstream{} make "nginx -t" fail with an [emerg] naming the directive and
 # the value; good ones pass, in any order inside upstream{}, and the
 # client side keepalive_* directives at http/server/location level are
@@ -97,9 +98,9 @@ sub test_conf {
 # "nginx -t" must fail, with the [emerg] line matching $re.
 
 sub bad {
-	my ($t, $upstream, $re, $name) = @_;
+	my ($t, $upstream, $re, $name, %extra) = @_;
 
-	my ($status, $out) = test_conf($t, conf($upstream));
+	my ($status, $out) = test_conf($t, conf($upstream, %extra));
 
 	subtest $name => sub {
 		plan(tests => 2);
@@ -124,7 +125,7 @@ sub good {
 
 ###############################################################################
 
-$t->plan(25);
+$t->plan(34);
 
 # bad values
 
@@ -156,7 +157,34 @@ bad($t, "keepalive 8;\n keepalive_requests abc;",
 	qr/"keepalive_requests" directive invalid number/,
 	'keepalive_requests abc');
 
+bad($t, "keepalive 8;\n keepalive_hints maybe;",
+	qr/invalid value "maybe" in "keepalive_hints" directive, it must be "on" or "off"/,
+	'keepalive_hints maybe');
+bad($t, "keepalive 8;\n keepalive_hint_margin abc;",
+	qr/invalid value "abc" in "keepalive_hint_margin" directive/,
+	'keepalive_hint_margin abc');
+bad($t, "keepalive 8;\n keepalive_hint_margin -1s;",
+	qr/invalid value "-1s" in "keepalive_hint_margin" directive/,
+	'keepalive_hint_margin -1s');
+bad($t, "keepalive 8;\n keepalive_hints on;\n keepalive_hints off;",
+	qr/"keepalive_hints" directive is duplicate/,
+	'keepalive_hints twice');
+bad($t, "keepalive 8;\n keepalive_hint_margin 1s;\n keepalive_hint_margin 2s;",
+	qr/"keepalive_hint_margin" directive is duplicate/,
+	'keepalive_hint_margin twice');
+bad($t, "keepalive 8;\n keepalive_hint_margin;",
+	qr/invalid number of arguments in "keepalive_hint_margin" directive/,
+	'keepalive_hint_margin without a value');
+bad($t, 'keepalive 8;',
+	qr/"keepalive_hints" directive is not allowed here/,
+	'keepalive_hints outside upstream{}', location => 'keepalive_hints off;');
+
 # good values
+
+good($t, 'keepalive_hints, keepalive_hint_margin',
+	"keepalive 8;\n keepalive_hints off;\n keepalive_hint_margin 500ms;");
+good($t, 'keepalive_hint_margin 0 before keepalive',
+	"keepalive_hint_margin 0;\n keepalive_hints on;\n keepalive 8;");
 
 good($t, 'keepalive 0', 'keepalive 0;');
 good($t, 'keepalive 16 local', 'keepalive 16 local;');

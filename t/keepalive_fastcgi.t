@@ -4,6 +4,8 @@
 # With "fastcgi_keep_conn on" the backend connection is reused by the
 # following requests; without it nginx asks the backend to close the
 # connection after each request (no FCGI_KEEP_CONN), and it is not kept.
+# A Keep-Alive header from the application (about its client's
+# connection, not nginx's) is not a hint for the backend connection.
 
 ###############################################################################
 
@@ -74,7 +76,7 @@ $t->run_daemon(\&fastcgi_backend, port(8081), log => $blog);
 $t->run()->waitforsocket('127.0.0.1:' . port(8081))
 	or die "Can't start fastcgi backend";
 
-$t->plan(15);
+$t->plan(17);
 
 my $ours = slice_module();
 
@@ -125,5 +127,14 @@ is(() = $log =~ /free keepalive slice peer: not saving: (?:response not keepaliv
 	2, 'module: no keep_conn not saved');
 
 }
+
+# a FastCGI application's Keep-Alive header is not the backend's hint:
+# "max=0" there does not stop reuse
+
+@r = map { http_get("/keep/x?ka=max%3D0") } 1 .. 2;
+is(join(' ', map { conn_of($_) // 'none' } @r), '1 1',
+	'Keep-Alive from the application: connection still reused');
+is(backend_log_count($blog, qr/^close conn=1 /), 0,
+	'Keep-Alive from the application: connection still open');
 
 ###############################################################################

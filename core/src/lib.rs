@@ -6,6 +6,8 @@
 //! - [`args`]: the `keepalive` directive's parameters;
 //! - [`identity`]: what a connection is bound to beyond its address (TLS
 //!   name, verification, client certificate; session stamps);
+//! - [`keepalive_hint`]: a backend's `Keep-Alive` header, and what it does
+//!   to the connection it came on;
 //! - [`stats`]: the counters in shared memory and their layout;
 //! - [`report`]: the status page (JSON, Prometheus) and the values of the
 //!   `$upstream_keepalive_*` variables.
@@ -20,6 +22,7 @@
 pub mod args;
 pub mod cache;
 pub mod identity;
+pub mod keepalive_hint;
 pub mod report;
 pub mod stats;
 

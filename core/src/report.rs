@@ -394,7 +394,8 @@ mod tests {
         for part in [
             "\"backend\":{\"idle\":0,\"buckets\":2,\"reused\":7,\"missed\":3,\"kept\":9,",
             "\"not_kept\":{\"bucket_full\":1,\"no_free_bucket\":0,",
-            "\"error\":0},\"evicted\":1,\"closed\":{\"timeout\":1,",
+            "\"error\":0,\"keepalive_hint\":0},\"evicted\":1,\"closed\":{\"timeout\":1,",
+            "\"error\":0,\"hint_timeout\":0}}",
         ] {
             assert!(out.contains(part), "{part} in {out}");
         }
@@ -437,6 +438,8 @@ mod tests {
             "nginx_upstream_keepalive_evicted_total{upstream=\"a\"} 1",
             "nginx_upstream_keepalive_closed_total{upstream=\"a\",reason=\"timeout\"} 1",
             "nginx_upstream_keepalive_closed_total{upstream=\"b\",reason=\"closed_by_server\"} 0",
+            "nginx_upstream_keepalive_not_kept_total{upstream=\"a\",reason=\"keepalive_hint\"} 0",
+            "nginx_upstream_keepalive_closed_total{upstream=\"b\",reason=\"hint_timeout\"} 0",
         ] {
             assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
         }

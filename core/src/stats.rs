@@ -57,10 +57,13 @@ pub enum NotKept {
     /// The try failed, the connection saw an error, or a value needed to
     /// keep it (the slice key, `slice_dyn`) could not be had.
     Error,
+    /// The backend's `Keep-Alive` header said no further request: its
+    /// `timeout` not above `keepalive_hint_margin`, or its `max` used up.
+    KeepaliveHint,
 }
 
 impl NotKept {
-    pub const ALL: [NotKept; 9] = [
+    pub const ALL: [NotKept; 10] = [
         NotKept::BucketFull,
         NotKept::NoFreeBucket,
         NotKept::LimitZero,
@@ -70,6 +73,7 @@ impl NotKept {
         NotKept::RequestBodyUnsent,
         NotKept::Shutdown,
         NotKept::Error,
+        NotKept::KeepaliveHint,
     ];
 
     /// The `reason` label and JSON key.
@@ -84,6 +88,7 @@ impl NotKept {
             NotKept::RequestBodyUnsent => "request_body_unsent",
             NotKept::Shutdown => "shutdown",
             NotKept::Error => "error",
+            NotKept::KeepaliveHint => "keepalive_hint",
         }
     }
 }
@@ -101,15 +106,19 @@ pub enum Closed {
     Shutdown,
     /// The event could not be re-armed.
     Error,
+    /// The idle timer the backend's `Keep-Alive: timeout` shortened
+    /// (below `keepalive_timeout`) passed.
+    HintTimeout,
 }
 
 impl Closed {
-    pub const ALL: [Closed; 5] = [
+    pub const ALL: [Closed; 6] = [
         Closed::Timeout,
         Closed::Server,
         Closed::UnexpectedData,
         Closed::Shutdown,
         Closed::Error,
+        Closed::HintTimeout,
     ];
 
     /// The `reason` label and JSON key.
@@ -120,6 +129,7 @@ impl Closed {
             Closed::UnexpectedData => "unexpected_data",
             Closed::Shutdown => "shutdown",
             Closed::Error => "error",
+            Closed::HintTimeout => "hint_timeout",
         }
     }
 }

@@ -352,12 +352,21 @@ sub _log {
 #                  keep the connection.  Logged as "close conn=N
 #                  reason=idle-fin|idle-rst" or "unsolicited conn=N"; if a
 #                  new request came first: "idle-busy conn=N act=<act>"
+#   ...?ka=<value>[&ka=<value>...]  the response carries a "Keep-Alive:
+#                  <value>" header for each ka= (percent-decoded, "+" is a
+#                  space), as Apache and Node send their idle timeout
 #
 # Options:
 #   log => $path      event log, see above
 #   vhost_bind => 1   emulate Apache mpm-itk: the first request's Host binds
 #                     the connection; a request for another Host on it is
 #                     not answered, the connection is reset
+#   drop_idle => $s   a backend whose idle timeout ($s seconds) fires just
+#                     as a request arrives, without closing idle
+#                     connections by itself: a request arriving on a
+#                     connection idle $s seconds or more since its last
+#                     response is read, logged and dropped (closed without
+#                     an answer), logged as "close conn=N reason=drop-idle"
 #
 # Close reasons logged: eof (peer closed), eof-reset (peer reset, or a write
 # failed), close-requested (/close, "Connection: close", HTTP/1.0 without
@@ -468,6 +477,13 @@ sub _http_start {
 	$req->{n} = $c->{nreq};
 	_log($srv, "request conn=$c->{id} req=$req->{n}"
 		. " host=$req->{host} uri=$req->{uri}");
+
+	if (defined $srv->{opts}{drop_idle} && defined $c->{idle_since}
+		&& time() - $c->{idle_since} >= $srv->{opts}{drop_idle})
+	{
+		_close($srv, $c, 'drop-idle');
+		return 0;
+	}
 
 	if ($c->{drop_next}) {
 		# /dropnext on the previous request: the request was read,
@@ -599,6 +615,14 @@ sub _http_respond {
 	$head .= "X-Bound-Host: $c->{bound_host}\r\n"
 		if defined $c->{bound_host};
 
+	my ($query) = $req->{uri} =~ /\?(.*)/s;
+	for (split /&/, $query // '') {
+		next unless s/^ka=//;
+		tr/+/ /;
+		s/%([0-9a-fA-F]{2})/chr hex $1/ge;
+		$head .= "Keep-Alive: $_\r\n";
+	}
+
 	if ($length) {
 		$head .= 'Content-Length: ' . length($body) . "\r\n"
 			. 'Connection: ' . ($close ? 'close' : 'keep-alive')
@@ -613,6 +637,7 @@ sub _http_respond {
 	$c->{close_after_write} = $close if $close;
 	$c->{drop_next} = 1 if !$close && $path =~ m{^/dropnext};
 	_send($srv, $c, "$head\r\n$body");
+	$c->{idle_since} = time();
 
 	if (!$close && !$c->{closed} && $path =~ m{/idle/(fin|rst|data)/(\d+)}) {
 		_http_idle_act($srv, $c, $1, $2 / 1000, $c->{nreq});
@@ -658,7 +683,8 @@ sub _http_idle_act {
 # END_REQUEST, otherwise close it), PARAMS until an empty record, STDIN
 # until an empty record; then STDOUT, an empty STDOUT and END_REQUEST.
 #
-# Options: log => $path, as for http_backend.
+# Options: log => $path, as for http_backend.  REQUEST_URI's ?ka=<value>
+# adds a Keep-Alive header to the response, as for http_backend.
 #
 # Close reasons logged: eof, eof-reset, close-requested (no FCGI_KEEP_CONN).
 
@@ -799,10 +825,22 @@ sub _fcgi_respond {
 	my $n = ++$c->{nreq};
 	_log($srv, "request conn=$c->{id} req=$n host=$host uri=$uri");
 
+	# ?ka=<value>: a Keep-Alive header, as for http_backend (a FastCGI
+	# application's header speaks of its client's connection)
+	my $ka = '';
+	my ($query) = $uri =~ /\?(.*)/s;
+	for (split /&/, $query // '') {
+		next unless s/^ka=//;
+		tr/+/ /;
+		s/%([0-9a-fA-F]{2})/chr hex $1/ge;
+		$ka .= "Keep-Alive: $_\r\n";
+	}
+
 	my $out = "Status: 200 OK\r\n"
 		. "X-Connection: $c->{id}\r\n"
 		. "X-Request: $n\r\n"
 		. "Content-Type: text/plain\r\n"
+		. $ka
 		. "\r\n"
 		. "conn=$c->{id} req=$n uri=$uri\n";
 
