@@ -18,12 +18,25 @@
 # dependencies compile once) and copied next to that nginx.
 .PHONY: test-version nginx-tarball nginx-version-build
 
+# NGINX=X.Y.Z as nginx.h's nginx_version, and $(call nginx_before,NUM): "yes"
+# when that release is older than NUM.
+NGINX_VERSION_NUM := $(shell echo '$(NGINX)' | awk -F. 'NF == 3 { printf "%d%03d%03d", $$1, $$2, $$3 }')
+nginx_before = $(if $(NGINX_VERSION_NUM),$(shell [ $(NGINX_VERSION_NUM) -lt $(1) ] && echo yes))
+
 # Configured as nginx-sys configures the bundled nginx (its
 # NGINX_CONFIGURE_BASE) plus .cargo/config.toml's --with-debug: the suites
 # read the debug log, speak HTTP/2 and TLS to backends, and check stream.
 NGINX_CONFIGURE = --with-compat --with-debug --with-http_realip_module \
 	--with-http_ssl_module --with-http_v2_module --with-stream \
 	--with-stream_realip_module --with-stream_ssl_module --with-threads
+
+# Before 1.21.2 ("OpenSSL 3.0 compatibility") nginx calls functions that
+# OpenSSL 3.0 (bookworm's) deprecates, and builds with -Werror.
+NGINX_CONFIGURE += $(if $(call nginx_before,1021002),--with-cc-opt=-Wno-deprecated-declarations)
+
+# Before 1.21.5 nginx only knows PCRE 1 (libpcre3-dev), later ones PCRE2
+# (libpcre2-dev, in BUILD_PACKAGES); the rewrite module needs one of them.
+VERSION_PACKAGES = $(if $(call nginx_before,1021005),libpcre3-dev)
 
 NGINX_URL         = https://nginx.org/download/nginx-$(NGINX).tar.gz
 VERSION_DIR       = $(CURDIR)/target/nginx-$(NGINX)
@@ -78,6 +91,7 @@ nginx_configure = if [ -x ./configure ]; then ./configure $(1); else ./auto/conf
 
 # nginx itself, rebuilt only when the tarball or the flags change.
 nginx-version-build: nginx-tarball
+	@sh .ci/packages $(VERSION_PACKAGES)
 	set -e; \
 	stamp="$(NGINX_CONFIGURE) $$(cksum < $(VERSION_TARBALL))"; \
 	if [ ! -x $(VERSION_SRC)/objs/nginx ] \
