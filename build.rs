@@ -55,13 +55,22 @@ fn main() {
         }
     }
 
-    // Older than the oldest nginx the suites run against is worth a word.
-    const OLDEST_TESTED: (u64, &str) = (1_020_001, "1.20.1");
-    if version < OLDEST_TESTED.0 {
-        println!(
-            "cargo::warning=nginx {version} is older than {}, the oldest nginx this module is tested with",
-            OLDEST_TESTED.1
+    // The oldest nginx the module supports, as mk/versions.mk and the
+    // "config" file say: before 1.19.10 nginx has no keepalive_time, nor
+    // the connection start time it is measured from. nginx-sys has already
+    // run bindgen by now, so the Makefile's check is the one that stops
+    // such a build early; this one keeps cargo alone from compiling the
+    // module against a tree it cannot serve.
+    const OLDEST_SUPPORTED: (u64, &str) = (1_020_001, "1.20.1");
+    if version < OLDEST_SUPPORTED.0 {
+        let (major, minor, patch) = (version / 1_000_000, version / 1000 % 1000, version % 1000);
+        eprintln!(
+            "nginx {major}.{minor}.{patch} is too old: this module supports nginx {} and later \
+             (before 1.19.10 nginx has no keepalive_time, nor the connection start time \
+             the module measures it from; {} is the oldest release it is tested with)",
+            OLDEST_SUPPORTED.1, OLDEST_SUPPORTED.1
         );
+        std::process::exit(1);
     }
 
     println!("cargo::rerun-if-env-changed=DEP_NGINX_BUILD_DIR");
