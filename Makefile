@@ -15,7 +15,8 @@
 #   make test-nginx-build     nginx's own build system: --add-dynamic-module and
 #                             --add-module builds of the vendored source, smoke-tested
 #   make test NGINX=1.31.4 [NGINX_TARBALLS=DIR]
-#                             the suites against another nginx release (mk/versions.mk)
+#                             the suites against another nginx release (mk/versions.mk),
+#                             1.20.1 or later: older ones are refused at once
 #   make test TEST_NGINX_LIB=DIR   the suites under nginx's own Test::Nginx library
 #   make test-backends        real Apache and Node behind nginx, their Keep-Alive
 #                             headers honoured (mk/backends.mk, ~1 min)
@@ -73,6 +74,9 @@ deps-bench:
 	@sh .ci/packages $(BENCH_PACKAGES)
 
 build:
+ifdef NGINX_BUILD_DIR
+	@$(call nginx_tree_check,$(or $(NGINX_SOURCE_DIR),$(NGINX_BUILD_DIR)/..))
+endif
 	$(CARGO) build $(CARGO_FLAGS)
 	mkdir -p objs
 	# cp then mv: a running nginx that mapped the old files keeps them

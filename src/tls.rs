@@ -252,23 +252,29 @@ impl Values {
             };
 
             // ngx_http_upstream_ssl_certificate(): a variable certificate;
-            // a static one is part of the SSL context
-            let cert = conf.ssl_certificate;
-            let key = conf.ssl_certificate_key;
-            let certificate = if !cert.is_null()
-                && (*cert).value.len != 0
-                && (!(*cert).lengths.is_null() || (!key.is_null() && !(*key).lengths.is_null()))
-            {
-                let cert = evaluate(r, cert)?;
-                // nginx evaluates the key only for a non-empty certificate
-                let key = match cert.as_bytes().first() {
-                    Some(&b) if b != 0 && !key.is_null() => evaluate(r, key)?,
-                    _ => ngx_str_t::empty(),
-                };
-                Some((cert, key))
-            } else {
-                None
+            // a static one is part of the SSL context (the only kind
+            // before nginx 1.21.0)
+            #[cfg(ngx_api = "upstream_ssl_certificate")]
+            let certificate = {
+                let cert = conf.ssl_certificate;
+                let key = conf.ssl_certificate_key;
+                if !cert.is_null()
+                    && (*cert).value.len != 0
+                    && (!(*cert).lengths.is_null() || (!key.is_null() && !(*key).lengths.is_null()))
+                {
+                    let cert = evaluate(r, cert)?;
+                    // nginx evaluates the key only for a non-empty certificate
+                    let key = match cert.as_bytes().first() {
+                        Some(&b) if b != 0 && !key.is_null() => evaluate(r, key)?,
+                        _ => ngx_str_t::empty(),
+                    };
+                    Some((cert, key))
+                } else {
+                    None
+                }
             };
+            #[cfg(not(ngx_api = "upstream_ssl_certificate"))]
+            let certificate = None;
 
             Some(Values {
                 context: conf.ssl as usize,

@@ -120,12 +120,6 @@ http {
             proxy_pass https://u_second;
         }
 
-        location /var/ {
-            proxy_pass https://u_var;
-            proxy_ssl_certificate $tenant_crt;
-            proxy_ssl_certificate_key $tenant_key;
-        }
-
         location /sessions/cert/ {
             proxy_pass https://u_sessions;
             proxy_ssl_certificate tenant-a.crt;
@@ -136,16 +130,7 @@ http {
             proxy_pass https://u_sessions;
         }
 
-        # certificate paths too long for the room a bucket keeps for the
-        # identity: the connection is not kept, the request unaffected
-
-        location /long/ {
-            set $long_crt %%LONG%%tenant-a.crt;
-            set $long_key %%LONG%%tenant-a.key;
-            proxy_pass https://u_long;
-            proxy_ssl_certificate $long_crt;
-            proxy_ssl_certificate_key $long_key;
-        }
+%%VARIABLE_CERTIFICATES%%
     }
 
     server {
@@ -168,8 +153,34 @@ http {
 
 EOF
 
+# proxy_ssl_certificate takes variables from nginx 1.21.0 on; before, the
+# certificate is part of the SSL context, which the identity already has
+
+my $variables = $t->has_version('1.21.0');
+
+my $var_locations = <<'EOF';
+
+        location /var/ {
+            proxy_pass https://u_var;
+            proxy_ssl_certificate $tenant_crt;
+            proxy_ssl_certificate_key $tenant_key;
+        }
+
+        # certificate paths too long for the room a bucket keeps for the
+        # identity: the connection is not kept, the request unaffected
+
+        location /long/ {
+            set $long_crt %%LONG%%tenant-a.crt;
+            set $long_key %%LONG%%tenant-a.key;
+            proxy_pass https://u_long;
+            proxy_ssl_certificate $long_crt;
+            proxy_ssl_certificate_key $long_key;
+        }
+EOF
+
 my $conf = $t->read_file('nginx.conf');
 my $long = './' x 100;
+$conf =~ s/%%VARIABLE_CERTIFICATES%%\n/$variables ? $var_locations : ''/e;
 $conf =~ s/%%LONG%%/$long/g;
 $t->write_file('nginx.conf', $conf);
 
@@ -224,6 +235,9 @@ is(conns(@s[1, 3, 5]), join(' ', ($s[1]{conn}) x 3),
 
 # a certificate chosen per request: tenant-a, tenant-b, none
 
+SKIP: {
+skip 'variables in proxy_ssl_certificate need nginx 1.21.0', 3 unless $variables;
+
 my @v = map { get($_, '/var/') } (qw/ a.test b.test c.test /) x 3;
 
 is(dns(@v), join(' ', ('dn:CN=tenant-a', 'dn:CN=tenant-b', 'dn:') x 3),
@@ -236,6 +250,8 @@ is(join(' ', map { scalar keys %{$by_dn{$_}} } sort keys %by_dn), '1 1 1',
 	'variable certificate: one connection per certificate');
 is(scalar keys %{{ map { $_->{conn} => 1 } @v }}, 3,
 	'variable certificate: three connections');
+
+}
 
 # sessions: the balancer keeps the session of the last handshake; a new
 # connection resumes it only if it was saved with the same certificate
@@ -250,6 +266,9 @@ is(scalar keys %{{ map { $_->{conn} => 1 } @n }}, 6, 'sessions: new connections'
 
 # an identity too long to keep: every request answered, on a new connection
 
+SKIP: {
+skip 'variables in proxy_ssl_certificate need nginx 1.21.0', 3 unless $variables;
+
 my @l = map { get('localhost', '/long/') } 1 .. 3;
 
 is(join(' ', map { "$_->{status} $_->{dn}" } @l),
@@ -263,6 +282,8 @@ skip 'its log line needs the keepalive_slice module', 1 unless slice_module();
 like($t->read_file('error.log'),
 	qr/\[info\].*connection not kept, its address and TLS identity .* take \d+ bytes, more than the 388/,
 	'long identity: logged at info');
+
+}
 
 }
 

@@ -35,7 +35,7 @@ our @EXPORT_OK = qw/
 	errlog_count errlog_delta errlog_wait
 	nginx_test_config
 	reload_wait
-	ssl_certificates
+	ssl_certificates ssl_idle_closed
 	slice_module
 /;
 
@@ -270,6 +270,26 @@ sub slice_module {
 
 ###############################################################################
 # SSL upstreams.
+
+# ssl_idle_closed($t, $conn): what a TLS server block of the nginx under
+# test logs when the client closes its idle keep-alive connection $conn
+# (nginx's upstream keepalive closes without a close_notify, as the stock
+# module does), and the name of that behaviour for an assertion: a regex
+# and a string.  nginx 1.21.2 and later, and any nginx with an OpenSSL
+# before 3.0, log "client ... closed keepalive connection" at info; before
+# 1.21.2 (no SSL_OP_IGNORE_UNEXPECTED_EOF) nginx with OpenSSL 3 reports
+# the missing close_notify, "SSL_read() failed (... unexpected eof while
+# reading) while keepalive", at crit.
+sub ssl_idle_closed {
+	my ($t, $conn) = @_;
+
+	if (!$t->has_version('1.21.2') && $t->has_module('built with OpenSSL [3-9]')) {
+		return (qr/\*$conn SSL_read\(\) failed \(SSL: .*unexpected eof while reading\) while keepalive, client: 127\.0\.0\.1,/,
+			'OpenSSL 3 "unexpected eof" while keepalive before nginx 1.21.2');
+	}
+	return (qr/\*$conn client 127\.0\.0\.1 closed keepalive connection/,
+		'"closed keepalive connection"');
+}
 
 # ssl_certificates($t, @names): a self-signed certificate and its key for
 # each name, written as <name>.crt and <name>.key into the test directory
