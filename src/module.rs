@@ -10,7 +10,7 @@
 use core::ffi::c_void;
 use core::ptr;
 
-use ngx::ffi::{ngx_module_t, ngx_pool_cleanup_add, ngx_pool_t};
+use ngx::ffi::{ngx_http_upstream_srv_conf_t, ngx_module_t, ngx_pool_cleanup_add, ngx_pool_t};
 use ngx::http::{HttpModule, HttpModuleMainConf, HttpModuleServerConf};
 
 use crate::conf::{KeepaliveConf, MainConf};
@@ -43,6 +43,20 @@ unsafe impl HttpModuleMainConf for Module {
 // SAFETY: create_srv_conf makes a KeepaliveConf.
 unsafe impl HttpModuleServerConf for Module {
     type ServerConf = KeepaliveConf;
+}
+
+/// The configuration of an upstream this module serves, for init peer,
+/// which runs for every request: without the typed accessor's two null
+/// checks, which cannot fail there (init peer is only installed on an
+/// upstream whose configuration this module filled in).
+///
+/// # Safety
+/// `us` is an explicit upstream whose `peer.init` this module set.
+#[inline(always)]
+pub unsafe fn served_conf(us: *const ngx_http_upstream_srv_conf_t) -> *const KeepaliveConf {
+    // SAFETY: see above: its srv_conf array holds this module's conf at
+    // the module's ctx_index, as for every http module.
+    unsafe { (*(*us).srv_conf.add(Module::module().ctx_index)).cast() }
 }
 
 /// This module's version, as the startup notice and the status page name it.

@@ -33,7 +33,7 @@ use crate::conf::{no_init_peer, KeepaliveConf, SliceConf};
 use crate::hint;
 use crate::idle::{self, close_connection, IdleHint, IdleState, SlotHandle, HEADER, HINTED};
 use crate::log::{debug_http, debug_http_if, debugging, log_error};
-use crate::module::{allocate, Module};
+use crate::module::{allocate, served_conf, Module};
 #[cfg(ngx_feature = "http_ssl")]
 use crate::session;
 use crate::tls::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
@@ -250,9 +250,7 @@ unsafe extern "C" fn init_peer(
         let log = (*(*r).connection).log;
         debug_http!(log, "init keepalive slice peer");
 
-        let Some(kcf) = Module::server_conf(&*us).map(ptr::from_ref) else {
-            return Status::NGX_ERROR.0;
-        };
+        let kcf = served_conf(us);
         let kp = ngx_palloc((*r).pool, size_of::<PeerData>()) as *mut PeerData;
         if kp.is_null() {
             return Status::NGX_ERROR.0;
