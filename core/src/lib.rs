@@ -7,6 +7,7 @@
 //! - [`identity`]: what a connection is bound to beyond its address (TLS
 //!   name, verification, client certificate; session stamps);
 //! - [`stats`]: the counters in shared memory and their layout;
+//! - [`registry`]: idle connections shared between workers (shared memory);
 //! - [`report`]: the status page (JSON, Prometheus) and the values of the
 //!   `$upstream_keepalive_*` variables.
 //!
@@ -16,6 +17,7 @@
 pub mod args;
 pub mod cache;
 pub mod identity;
+pub mod registry;
 pub mod report;
 pub mod stats;
 
