@@ -7,18 +7,20 @@ use core::ptr;
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_http_complex_value_t, ngx_http_request_t, ngx_http_upstream_init_pt,
-    ngx_http_upstream_srv_conf_t, ngx_http_variable_t, ngx_int_t, ngx_msec_t, ngx_str_t,
-    ngx_uint_t,
+    ngx_flag_t, ngx_http_upstream_srv_conf_t, ngx_http_variable_t, ngx_int_t, ngx_msec_t,
+    ngx_str_t, ngx_uint_t,
 };
 
 use keepalive_slice_core::stats::Geometry;
 
 use crate::idle::IdleState;
+use crate::share;
 
 /// nginx's `NGX_CONF_UNSET_UINT` and `NGX_CONF_UNSET_MSEC`, which the
 /// bindings do not carry: what the slot setters find unset.
 pub const NGX_CONF_UNSET_UINT: ngx_uint_t = ngx_uint_t::MAX;
 pub const NGX_CONF_UNSET_MSEC: ngx_msec_t = ngx_msec_t::MAX;
+pub const NGX_CONF_UNSET: ngx_flag_t = -1;
 
 /// nginx 1.29.7's default for an explicit upstream without `keepalive`
 /// (with `local`).
@@ -67,6 +69,9 @@ pub struct KeepaliveConf {
     pub requests: ngx_uint_t,
     pub time: ngx_msec_t,
     pub timeout: ngx_msec_t,
+    /// `keepalive_share on|off` (nginx's flag setter): idle connections
+    /// shared with the other workers (on by default).
+    pub share: ngx_flag_t,
 
     /// `keepalive` was given in this upstream (for "is duplicate").
     pub configured: bool,
@@ -90,6 +95,7 @@ impl KeepaliveConf {
             requests: NGX_CONF_UNSET_UINT,
             time: NGX_CONF_UNSET_MSEC,
             timeout: NGX_CONF_UNSET_MSEC,
+            share: NGX_CONF_UNSET,
             configured: false,
             max_cached: 0,
             local: false,
@@ -112,6 +118,9 @@ impl KeepaliveConf {
         if self.timeout == NGX_CONF_UNSET_MSEC {
             self.timeout = DEFAULT_TIMEOUT;
         }
+        if self.share == NGX_CONF_UNSET {
+            self.share = 1;
+        }
     }
 }
 
@@ -130,6 +139,8 @@ pub struct MainConf {
     /// `$upstream_keepalive_*` as nginx registered them (set in
     /// preconfiguration, read once the configuration is complete).
     pub variables: Vec<*mut ngx_http_variable_t>,
+    /// The zone of idle connections shared between workers.
+    pub share: share::Zone,
 }
 
 impl MainConf {
@@ -142,6 +153,7 @@ impl MainConf {
                 arena: 0,
             },
             variables: Vec::new(),
+            share: share::Zone::new(),
         }
     }
 }

@@ -20,15 +20,36 @@ use ngx::ffi::{
 use ngx::core::Status;
 
 use keepalive_slice_core::cache::{boxed_slice, IdleCache};
+use keepalive_slice_core::registry::Ticket;
 use keepalive_slice_core::stats::{Closed, Counter, UpstreamStats};
 
 use crate::log::debug_http;
+use crate::share;
 
 /// Where an idle connection sits: `c->data` of an idle connection points
 /// at its handle, so the close handler finds its slot without a search.
 pub struct SlotHandle {
     idle: *mut IdleState,
     slot: usize,
+    /// The connection is published to the other workers (see `share`):
+    /// withdrawn before this worker uses or closes it.
+    pub ticket: Option<Ticket>,
+}
+
+impl SlotHandle {
+    /// Whether the connection in this slot is still this worker's to use
+    /// or close: never published, or withdrawn now. `false`: another
+    /// worker took it (the caller drops it, `share::drop_taken`).
+    #[inline(always)]
+    pub fn withdraw(&mut self) -> bool {
+        match self.ticket {
+            None => true,
+            Some(ticket) => {
+                self.ticket = None;
+                share::withdraw(ticket)
+            }
+        }
+    }
 }
 
 /// One upstream's idle connections in this worker (the configuration is
@@ -44,6 +65,12 @@ pub struct IdleState {
     /// Random, per upstream and configuration: part of the stamp of the
     /// TLS sessions saved through this upstream (see `session`).
     pub session_nonce: u64,
+    /// `keepalive_share on`: its plain connections are published to the
+    /// other workers and it takes theirs.
+    pub share: bool,
+    /// The upstream's identity in the registry (its configuration's
+    /// address: the same in every worker of one configuration).
+    pub upstream: usize,
 }
 
 impl IdleState {
@@ -59,6 +86,7 @@ impl IdleState {
         let handles = boxed_slice(capacity, |slot| SlotHandle {
             idle: ptr::null_mut(),
             slot,
+            ticket: None,
         })?;
         Some(IdleState {
             cache,
@@ -66,6 +94,8 @@ impl IdleState {
             stats: UpstreamStats::new(),
             log_tries: false,
             session_nonce: random_nonce(),
+            share: false,
+            upstream: 0,
         })
     }
 
@@ -188,6 +218,17 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
         debug_http!((*ev).log, "keepalive slice close handler");
 
         let c = (*ev).data as *mut ngx_connection_t;
+        let handle = &mut *((*c).data as *mut SlotHandle);
+
+        // Taken by another worker: its traffic woke this one (or the
+        // timer did); the registry says so before the socket is looked at,
+        // and the taker's bytes are never "unexpected data".
+        if handle.ticket.is_some_and(|t| !share::published(t)) {
+            handle.ticket = None;
+            (*handle.idle).cache.remove(handle.slot);
+            share::drop_taken(c);
+            return;
+        }
 
         let reason = if (*c).close() != 0 {
             Closed::Shutdown
@@ -201,6 +242,7 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
                 // by the backend until the connection is reused.
                 (*ev).set_ready(0);
                 if ngx_handle_read_event((*c).read, 0) == Status::NGX_OK.0 {
+                    // Still idle, and still published.
                     return;
                 }
                 Closed::Error
@@ -212,10 +254,34 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
             }
         };
 
-        let handle = &*((*c).data as *const SlotHandle);
         let idle = &mut *handle.idle;
         idle.cache.remove(handle.slot);
+        // Taken since the look above: the bytes seen were the taker's.
+        if !handle.withdraw() {
+            share::drop_taken(c);
+            return;
+        }
         idle.count(Counter::Closed(reason));
+        share::before_close(c);
+        close_connection(c);
+    }
+}
+
+/// Closes an idle connection that left the cache (evicted, or its bucket
+/// given to another key): withdrawn first; one another worker took is
+/// only dropped.
+///
+/// # Safety
+/// `c` must be a live idle connection no longer referenced by the cache.
+pub unsafe fn close_idle(c: *mut ngx_connection_t) {
+    // SAFETY: see above; an idle connection's data is its slot's handle.
+    unsafe {
+        let handle = &mut *((*c).data as *mut SlotHandle);
+        if !handle.withdraw() {
+            share::drop_taken(c);
+            return;
+        }
+        share::before_close(c);
         close_connection(c);
     }
 }

@@ -8,6 +8,8 @@
 //! using only those below it:
 //!
 //! - `log`: logging macros that keep formatting off the hot path;
+//! - `share`: idle connections shared between the workers (the registry's
+//!   zone, the descriptor hand-over);
 //! - `idle`: one upstream's idle connections in a worker, and the handlers
 //!   of a connection while it is idle;
 //! - `conf`: the configuration types and their defaults;
@@ -42,6 +44,7 @@ mod log;
 mod module;
 mod peer;
 mod session;
+mod share;
 mod status;
 mod tls;
 mod variables;
@@ -52,17 +55,18 @@ use core::ptr;
 
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_cycle_t,
-    ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_NOARGS,
+    ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_cycle_t,
+    ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS,
     NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MODULE,
     NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_NOTICE,
 };
 use ngx::{ngx_log_error, ngx_string};
 
 use crate::conf::{KeepaliveConf, MainConf};
-use crate::module::VERSION;
+use crate::module::{Module, VERSION};
+use ngx::http::HttpModuleMainConf;
 
-static mut COMMANDS: [ngx_command_t; 6] = [
+static mut COMMANDS: [ngx_command_t; 7] = [
     ngx_command_t {
         name: ngx_string!("keepalive"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -93,6 +97,14 @@ static mut COMMANDS: [ngx_command_t; 6] = [
         set: Some(ngx_conf_set_num_slot),
         conf: NGX_HTTP_SRV_CONF_OFFSET,
         offset: offset_of!(KeepaliveConf, requests),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
+        name: ngx_string!("keepalive_share"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_FLAG) as ngx_uint_t,
+        set: Some(ngx_conf_set_flag_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(KeepaliveConf, share),
         post: ptr::null_mut(),
     },
     ngx_command_t {
@@ -127,6 +139,7 @@ pub static mut ngx_http_upstream_keepalive_slice_module: ngx_module_t = ngx_modu
     type_: NGX_HTTP_MODULE as ngx_uint_t,
     init_module: Some(init_module),
     init_process: Some(init_process),
+    exit_process: Some(exit_process),
     ..ngx_module_t::default()
 };
 
@@ -150,8 +163,18 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 /// Each worker (or the single process) picks its counter slots.
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: nginx calls init_process with the worker's cycle.
-    unsafe { status::start_worker(cycle) };
+    unsafe {
+        status::start_worker(cycle);
+        if let Some(mcf) = Module::main_conf(&*cycle) {
+            share::start_worker(cycle, &mcf.share);
+        }
+    }
     Status::NGX_OK.0
+}
+
+/// A worker leaving: its shared idle connections are never taken again.
+unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+    share::exit_worker();
 }
 
 /// The `$upstream_keepalive_*` variables exist before any directive may
@@ -163,8 +186,23 @@ unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
 
 /// Every upstream is initialised: the counters' zone can be sized.
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-    // SAFETY: nginx calls postconfiguration with the live configuration.
-    unsafe { status::add_zone(cf) }
+    // SAFETY: nginx calls postconfiguration with the live configuration;
+    // the served upstreams' idle states live as long as it.
+    unsafe {
+        if status::add_zone(cf) != Status::NGX_OK.0 {
+            return Status::NGX_ERROR.0;
+        }
+        let Some(mcf) = Module::main_conf_mut(&*cf) else {
+            return Status::NGX_ERROR.0;
+        };
+        let connections: usize = mcf
+            .served
+            .iter()
+            .filter(|s| (*s.idle).share)
+            .map(|s| (&(*s.idle).handles).len())
+            .sum();
+        share::add_zone(cf, ptr::addr_of_mut!(mcf.share), connections, module::zone_tag())
+    }
 }
 
 unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {

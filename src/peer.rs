@@ -30,11 +30,12 @@ use keepalive_slice_core::identity::{session_stamp, MAX_SESSION_STAMP};
 use keepalive_slice_core::stats::{Counter, NotKept};
 
 use crate::conf::{no_init_peer, KeepaliveConf, SliceConf};
-use crate::idle::{self, close_connection, IdleState};
+use crate::idle::{self, IdleState, SlotHandle};
 use crate::log::{debug_http, debug_http_if, debugging, log_error};
 use crate::module::{allocate, Module};
 #[cfg(ngx_feature = "http_ssl")]
 use crate::session;
+use crate::share;
 use crate::tls::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
 use crate::variables;
 
@@ -230,6 +231,8 @@ pub unsafe fn init_keepalive(
             return Status::NGX_ERROR.0;
         };
         IdleState::bind_handles(idle);
+        (*idle).share = kcf.share != 0;
+        (*idle).upstream = ptr::from_ref(kcf) as usize;
         kcf.idle = idle;
     }
     Status::NGX_OK.0
@@ -441,8 +444,24 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             };
             kp.bucket.and_then(|b| idle.cache.take_from(b))
         };
+        // A published connection is withdrawn before it is used; one
+        // another worker took meanwhile is dropped, and the next tried.
+        let mut taken = taken;
+        while let Some(c) = taken {
+            let handle = (*c.as_ptr()).data as *mut SlotHandle;
+            if (*handle).withdraw() {
+                break;
+            }
+            share::drop_taken(c.as_ptr());
+            taken = kp.bucket.and_then(|b| idle.cache.take_from(b));
+        }
         let kp = &*kp;
-        let taken = taken.map(NonNull::as_ptr);
+        let mut taken = taken.map(NonNull::as_ptr);
+        let mut shared = false;
+        if taken.is_none() && idle.share && share::active() {
+            taken = take_shared(kp, pc, idle);
+            shared = taken.is_some();
+        }
         idle.stats.count(match taken {
             Some(_) => Counter::Reused,
             None => Counter::Missed,
@@ -450,7 +469,13 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         if idle.log_tries {
             // nginx counts this request on the connection right after.
             let requests = taken.map_or(1, |c| (*c).requests + 1);
-            variables::record_try(kp.request, taken.is_some(), requests, kp.logged_key());
+            variables::record_try(
+                kp.request,
+                taken.is_some(),
+                shared,
+                requests,
+                kp.logged_key(),
+            );
         }
         let Some(c) = taken else {
             debug_http!(
@@ -460,6 +485,11 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             );
             return Status::NGX_OK.0;
         };
+        if shared {
+            (*pc).connection = c;
+            (*pc).set_cached(1);
+            return Status::NGX_DONE.0;
+        }
 
         debug_http!(
             (*pc).log,
@@ -474,6 +504,73 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         (*pc).set_cached(1);
     }
     Status::NGX_DONE.0
+}
+
+/// Whether this request's connections may move between workers: plain
+/// (no TLS), of a protocol whose whole state is the socket, with a key.
+///
+/// # Safety
+/// The request of `kp` must be live.
+#[inline]
+unsafe fn shareable(kp: &PeerData) -> bool {
+    // SAFETY: see above.
+    unsafe {
+        matches!(kp.tls, TlsKey::Plain)
+            && kp.slice_state != SliceState::Failed
+            && share::shareable_module((*kp.upstream).output.tag)
+    }
+}
+
+/// After a local miss: an idle connection of the request's bucket that
+/// another worker holds, if there is one.
+///
+/// # Safety
+/// `pc` and `kp` belong to a live request whose balancer chose a server.
+#[inline(never)]
+unsafe fn take_shared(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    idle: &mut IdleState,
+) -> Option<*mut ngx_connection_t> {
+    // SAFETY: see above.
+    unsafe {
+        if !shareable(kp) {
+            return None;
+        }
+        let slice = kp.logged_key();
+        let key = share::key(kp.conf as usize, kp.tag, sockaddr(pc), slice.as_bytes())?;
+        let taken = share::take(&key, pc);
+        for _ in 0..taken.failed {
+            idle.stats.count(Counter::ShareFailed);
+        }
+        let c = taken.connection?;
+        idle.stats.count(Counter::SharedTaken);
+        debug_http!(
+            (*pc).log,
+            "get keepalive slice peer: using connection {:p} of another worker: {}",
+            c,
+            kp.identity()
+        );
+        Some(c)
+    }
+}
+
+/// Publishes a connection just kept, for the other workers.
+///
+/// # Safety
+/// `c` is the request's connection, just stored in `handle`'s slot.
+#[inline(never)]
+unsafe fn publish(kp: &PeerData, pc: *mut ngx_peer_connection_t, c: *mut ngx_connection_t, handle: *mut SlotHandle) {
+    // SAFETY: see above.
+    unsafe {
+        if !shareable(kp) {
+            return;
+        }
+        let slice = kp.logged_key();
+        if let Some(key) = share::key(kp.conf as usize, kp.tag, sockaddr(pc), slice.as_bytes()) {
+            (*handle).ticket = share::publish(c, &key);
+        }
+    }
 }
 
 /// Whether the connection can be kept, before the cache is even asked:
@@ -633,6 +730,11 @@ unsafe extern "C" fn free_peer(
         } else {
             not_kept(kp, pc, state);
         }
+        // Not kept: nginx closes it next; one that moved here is shut
+        // down first (see `share`).
+        if share::active() && !(*pc).connection.is_null() {
+            share::before_close((*pc).connection);
+        }
 
         if let Some(free) = kp.original_free_peer {
             free(pc, kp.data, state);
@@ -706,8 +808,11 @@ unsafe fn keep(
             kp.identity()
         );
 
+        if idle.share && share::active() {
+            publish(kp, pc, c, handle.cast());
+        }
         (*pc).connection = ptr::null_mut();
-        idle::park(c, handle, (*kp.conf).timeout);
+        idle::park(c, handle.cast(), (*kp.conf).timeout);
     }
 }
 
@@ -740,7 +845,7 @@ unsafe fn store_by_key(
         let evict = |evicted: NonNull<ngx_connection_t>| {
             debug_http!(log, "keepalive slice: evicting connection {:p}", evicted);
             stats.count(Counter::Evicted);
-            close_connection(evicted.as_ptr());
+            idle::close_idle(evicted.as_ptr());
         };
         let stored = match idle.cache.store_at(kp.bucket, &key, conn, limit, evict) {
             Ok(stored) => stored,
