@@ -6,9 +6,9 @@ use core::ptr;
 
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_http_complex_value_t, ngx_http_request_t, ngx_http_upstream_init_pt,
-    ngx_flag_t, ngx_http_upstream_srv_conf_t, ngx_http_variable_t, ngx_int_t, ngx_msec_t,
-    ngx_str_t, ngx_uint_t,
+    ngx_flag_t, ngx_http_complex_value_t, ngx_http_request_t, ngx_http_upstream_init_pt,
+    ngx_http_upstream_srv_conf_t, ngx_http_variable_t, ngx_int_t, ngx_msec_t, ngx_str_t,
+    ngx_uint_t,
 };
 
 use keepalive_slice_core::stats::Geometry;

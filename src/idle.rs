@@ -269,20 +269,21 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
 
 /// Closes an idle connection that left the cache (evicted, or its bucket
 /// given to another key): withdrawn first; one another worker took is
-/// only dropped.
+/// only dropped (`false`: it left as the taker's reuse, not as closed).
 ///
 /// # Safety
 /// `c` must be a live idle connection no longer referenced by the cache.
-pub unsafe fn close_idle(c: *mut ngx_connection_t) {
+pub unsafe fn close_idle(c: *mut ngx_connection_t) -> bool {
     // SAFETY: see above; an idle connection's data is its slot's handle.
     unsafe {
         let handle = &mut *((*c).data as *mut SlotHandle);
         if !handle.withdraw() {
             share::drop_taken(c);
-            return;
+            return false;
         }
         share::before_close(c);
         close_connection(c);
+        true
     }
 }
 

@@ -55,10 +55,11 @@ use core::ptr;
 
 use ngx::core::Status;
 use ngx::ffi::{
-    ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot, ngx_conf_t, ngx_cycle_t,
-    ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS,
-    NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MODULE,
-    NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF, NGX_LOG_NOTICE,
+    ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_set_msec_slot, ngx_conf_set_num_slot,
+    ngx_conf_t, ngx_cycle_t, ngx_http_module_t, ngx_int_t, ngx_module_t, ngx_uint_t,
+    NGX_CONF_1MORE, NGX_CONF_FLAG, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF_OFFSET, NGX_HTTP_UPS_CONF,
+    NGX_LOG_NOTICE,
 };
 use ngx::{ngx_log_error, ngx_string};
 
@@ -201,7 +202,12 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
             .filter(|s| (*s.idle).share)
             .map(|s| (&(*s.idle).handles).len())
             .sum();
-        share::add_zone(cf, ptr::addr_of_mut!(mcf.share), connections, module::zone_tag())
+        share::add_zone(
+            cf,
+            ptr::addr_of_mut!(mcf.share),
+            connections,
+            module::zone_tag(),
+        )
     }
 }
 

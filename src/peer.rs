@@ -560,7 +560,12 @@ unsafe fn take_shared(
 /// # Safety
 /// `c` is the request's connection, just stored in `handle`'s slot.
 #[inline(never)]
-unsafe fn publish(kp: &PeerData, pc: *mut ngx_peer_connection_t, c: *mut ngx_connection_t, handle: *mut SlotHandle) {
+unsafe fn publish(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    c: *mut ngx_connection_t,
+    handle: *mut SlotHandle,
+) {
     // SAFETY: see above.
     unsafe {
         if !shareable(kp) {
@@ -844,8 +849,10 @@ unsafe fn store_by_key(
         let stats = &idle.stats;
         let evict = |evicted: NonNull<ngx_connection_t>| {
             debug_http!(log, "keepalive slice: evicting connection {:p}", evicted);
-            stats.count(Counter::Evicted);
-            idle::close_idle(evicted.as_ptr());
+            // One another worker took counts as its reuse only.
+            if idle::close_idle(evicted.as_ptr()) {
+                stats.count(Counter::Evicted);
+            }
         };
         let stored = match idle.cache.store_at(kp.bucket, &key, conn, limit, evict) {
             Ok(stored) => stored,

@@ -43,10 +43,10 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 use ngx::core::Status;
 use ngx::ffi::{
     ngx_close_connection, ngx_conf_t, ngx_connection_t, ngx_core_conf_t, ngx_core_module,
-    ngx_cycle_t, ngx_destroy_pool, ngx_event_actions, ngx_get_connection, ngx_int_t,
-    ngx_io, ngx_log_t, ngx_peer_connection_t, ngx_pid, ngx_process, ngx_shared_memory_add,
-    ngx_shm_zone_t, ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_LOG_ALERT, NGX_LOG_EMERG,
-    NGX_LOG_NOTICE, NGX_PROCESS_WORKER,
+    ngx_cycle_t, ngx_destroy_pool, ngx_event_actions, ngx_get_connection, ngx_int_t, ngx_io,
+    ngx_log_t, ngx_peer_connection_t, ngx_pid, ngx_process, ngx_shared_memory_add, ngx_shm_zone_t,
+    ngx_slab_alloc, ngx_slab_pool_t, ngx_str_t, NGX_LOG_ALERT, NGX_LOG_EMERG, NGX_LOG_NOTICE,
+    NGX_PROCESS_WORKER,
 };
 use ngx::ngx_log_error;
 
@@ -85,7 +85,12 @@ impl Default for Zone {
 ///
 /// # Safety
 /// `cf` is the live configuration; `zone` lives as long as its cycle.
-pub unsafe fn add_zone(cf: *mut ngx_conf_t, zone: *mut Zone, connections: usize, tag: *mut c_void) -> ngx_int_t {
+pub unsafe fn add_zone(
+    cf: *mut ngx_conf_t,
+    zone: *mut Zone,
+    connections: usize,
+    tag: *mut c_void,
+) -> ngx_int_t {
     if connections == 0 {
         return Status::NGX_OK.0;
     }
@@ -93,12 +98,17 @@ pub unsafe fn add_zone(cf: *mut ngx_conf_t, zone: *mut Zone, connections: usize,
     // room for eight per CPU's worth of connections, and never fewer than
     // eight workers' worth.
     // SAFETY: nginx's CPU count, set at start.
-    let cpus = usize::try_from(unsafe { ngx::ffi::ngx_ncpu }).unwrap_or(1).max(8);
+    let cpus = usize::try_from(unsafe { ngx::ffi::ngx_ncpu })
+        .unwrap_or(1)
+        .max(8);
     let capacity = Registry::capacity_for(connections.saturating_mul(cpus));
     // SAFETY: nginx's page size, set at start.
     let page = unsafe { ngx::ffi::ngx_pagesize };
     let bytes = Registry::bytes_for(capacity);
-    let size = bytes.div_ceil(page) * page + 8 * page;
+    // One allocation from the zone's slab pool: whole pages, the pool's
+    // header and a descriptor (at most 64 bytes) per page, alignment.
+    let pages = bytes.div_ceil(page);
+    let size = (pages + (pages * 64).div_ceil(page) + 8) * page;
     let mut name = ngx_str_t {
         len: ZONE_NAME.len(),
         data: ZONE_NAME.as_ptr().cast_mut(),
@@ -238,7 +248,16 @@ pub unsafe fn start_worker(cycle: *mut ngx_cycle_t, zone: &Zone) {
         }
         allow_siblings(log);
         let pid = ngx_pid as u32;
-        let Some(me) = registry.register(pid, pid_alive) else {
+        let retired = |gone: u32, freed: usize| {
+            debug_http!(
+                log,
+                "keepalive share: worker pid {} found worker pid {} gone, {} of its entries freed",
+                pid,
+                gone,
+                freed
+            );
+        };
+        let Some(me) = registry.register_with(pid, pid_alive, retired) else {
             ngx_log_error!(
                 NGX_LOG_NOTICE,
                 log,
@@ -332,7 +351,15 @@ fn allow_siblings(log: *mut ngx_log_t) {
         return;
     }
     // SAFETY: prctl on this process.
-    let rc = unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::getppid() as libc::c_ulong, 0, 0, 0) };
+    let rc = unsafe {
+        libc::prctl(
+            libc::PR_SET_PTRACER,
+            libc::getppid() as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
     if rc != 0 {
         ngx_log_error!(
             NGX_LOG_NOTICE,
@@ -393,7 +420,11 @@ pub unsafe fn publish(c: *mut ngx_connection_t, key: &Key) -> Option<Ticket> {
             "keepalive share: connection {:p} fd {} {}",
             c,
             (*c).fd,
-            if ticket.is_some() { "published" } else { "not published (no room)" }
+            if ticket.is_some() {
+                "published"
+            } else {
+                "not published (no room)"
+            }
         );
         ticket
     }
@@ -464,7 +495,11 @@ pub unsafe fn before_close(c: *mut ngx_connection_t) {
         *flag = false;
         // SAFETY: see above.
         unsafe {
-            debug_http!((*c).log, "keepalive share: moved connection {:p} shut down", c);
+            debug_http!(
+                (*c).log,
+                "keepalive share: moved connection {:p} shut down",
+                c
+            );
             libc::shutdown((*c).fd, libc::SHUT_RDWR);
         }
     }
@@ -533,8 +568,7 @@ pub unsafe fn take(key: &Key, pc: *mut ngx_peer_connection_t) -> Taken {
                 }
             };
             let mut st: libc::stat = core::mem::zeroed();
-            if libc::fstat(fd, &mut st) != 0 || st.st_ino != socket.ino || st.st_dev != socket.dev
-            {
+            if libc::fstat(fd, &mut st) != 0 || st.st_ino != socket.ino || st.st_dev != socket.dev {
                 // Not the socket published: the owner still holds its own.
                 debug_http!(
                     log,
@@ -602,7 +636,11 @@ fn copy_descriptor(pid: u32, fd: i32) -> Result<c_int, c_int> {
 ///
 /// # Safety
 /// `pc` is the try's peer connection; `fd` a connected stream socket.
-unsafe fn connection(fd: c_int, pc: *mut ngx_peer_connection_t, socket: Socket) -> *mut ngx_connection_t {
+unsafe fn connection(
+    fd: c_int,
+    pc: *mut ngx_peer_connection_t,
+    socket: Socket,
+) -> *mut ngx_connection_t {
     // SAFETY: see above.
     unsafe {
         let log = (*pc).log;

@@ -75,8 +75,10 @@ pub const KEY_BYTES: usize = 184;
 /// Owner slots: more workers (old and new generations together) than
 /// this are never published for.
 pub const MAX_OWNERS: usize = 512;
+/// Most entries of a registry.
+pub const MAX_CAPACITY: usize = 1 << 15;
 /// How far from its home an entry may sit.
-pub const WINDOW: usize = 16;
+pub const WINDOW: usize = 32;
 
 const MAGIC: u64 = u64::from_le_bytes(*b"KASHARE1");
 
@@ -264,11 +266,12 @@ impl Registry {
     }
 
     /// The capacity for `connections` idle connections in all workers: a
-    /// power of two, twice as many, at least `WINDOW`.
+    /// power of two, twice as many, at least `WINDOW`, at most
+    /// [`MAX_CAPACITY`] (about 9 MB; connections beyond stay unpublished).
     pub fn capacity_for(connections: usize) -> usize {
         connections
             .saturating_mul(2)
-            .clamp(WINDOW, 1 << 22)
+            .clamp(WINDOW, MAX_CAPACITY)
             .next_power_of_two()
     }
 
@@ -374,6 +377,17 @@ impl Registry {
     /// (`alive(pid)` false, or this very pid, reused) are retired first
     /// and their entries freed. `None` when every slot is taken.
     pub fn register(&self, pid: u32, alive: impl Fn(u32) -> bool) -> Option<OwnerId> {
+        self.register_with(pid, alive, |_, _| {})
+    }
+
+    /// [`Registry::register`], calling `retired(pid, entries freed)` for
+    /// each owner found gone.
+    pub fn register_with(
+        &self,
+        pid: u32,
+        alive: impl Fn(u32) -> bool,
+        mut retired: impl FnMut(u32, usize),
+    ) -> Option<OwnerId> {
         for slot in 0..MAX_OWNERS {
             let Some(owner) = self.owner(slot) else { break };
             let w = owner.word.load(Ordering::Acquire);
@@ -386,7 +400,7 @@ impl Registry {
                     slot: slot as u32,
                     incarnation: w >> 1,
                 });
-                self.free_entries_of(slot as u32);
+                retired(holder, self.free_entries_of(slot as u32));
             }
         }
         let incarnation = self.header().incarnations.fetch_add(1, Ordering::AcqRel) + 1;
@@ -430,8 +444,9 @@ impl Registry {
             .is_some_and(|o| o.word.load(Ordering::Acquire) == id.incarnation << 1 | 1)
     }
 
-    /// Frees the idle (and half-written) entries of a retired slot.
-    fn free_entries_of(&self, slot: u32) {
+    /// Frees the idle entries of a retired slot; how many.
+    fn free_entries_of(&self, slot: u32) -> usize {
+        let mut freed = 0;
         for i in 0..self.capacity {
             let index = self.index(i);
             let w = index.word.load(Ordering::Acquire);
@@ -450,12 +465,14 @@ impl Registry {
             let owner = unsafe { (*self.record(i)).owner };
             let claimed = next(w, CLAIMED);
             let back = if owner.slot == slot {
+                freed += 1;
                 next(claimed, FREE)
             } else {
                 w
             };
             index.word.store(back, Ordering::Release);
         }
+        freed
     }
 
     /// Publishes a connection of `owner`. `None`: no room near its home,
@@ -529,7 +546,10 @@ impl Registry {
 
     /// Whether the connection of `ticket` is still published, unclaimed.
     pub fn published(&self, ticket: Ticket) -> bool {
-        self.index(ticket.index as usize).word.load(Ordering::Acquire) == ticket.word
+        self.index(ticket.index as usize)
+            .word
+            .load(Ordering::Acquire)
+            == ticket.word
     }
 
     /// Claims an idle entry of `key` owned by another than `me`. Entries
@@ -619,8 +639,8 @@ mod tests {
         };
         let p = mem.buf.as_mut_ptr() as *mut u8;
         let aligned = unsafe { p.add(p.align_offset(64)) };
-        let r = unsafe { Registry::format(aligned, Registry::bytes_for(capacity), capacity) }
-            .unwrap();
+        let r =
+            unsafe { Registry::format(aligned, Registry::bytes_for(capacity), capacity) }.unwrap();
         (mem, r)
     }
 
@@ -653,22 +673,32 @@ mod tests {
         let t = r.publish(a, &key(b"addr", b"x"), socket(5)).unwrap();
         assert!(r.published(t));
         // The owner itself does not claim its own entry.
-        assert!(r.claim(a, &key(b"addr", b"x"), &mut Scan::default()).is_none());
+        assert!(r
+            .claim(a, &key(b"addr", b"x"), &mut Scan::default())
+            .is_none());
         // Another key, another address: no match.
-        assert!(r.claim(b, &key(b"addr", b"y"), &mut Scan::default()).is_none());
-        assert!(r.claim(b, &key(b"addr2", b"x"), &mut Scan::default()).is_none());
+        assert!(r
+            .claim(b, &key(b"addr", b"y"), &mut Scan::default())
+            .is_none());
+        assert!(r
+            .claim(b, &key(b"addr2", b"x"), &mut Scan::default())
+            .is_none());
         let mut other_gen = key(b"addr", b"x");
         other_gen.generation = 2;
         assert!(r.claim(b, &other_gen, &mut Scan::default()).is_none());
         assert!(r.published(t), "failed matches leave the entry as it was");
 
-        let c = r.claim(b, &key(b"addr", b"x"), &mut Scan::default()).unwrap();
+        let c = r
+            .claim(b, &key(b"addr", b"x"), &mut Scan::default())
+            .unwrap();
         assert_eq!(c.socket, socket(5));
         assert_eq!(c.owner, a);
         assert!(!r.published(t));
         assert!(!r.withdraw(t), "the owner cannot take back a claimed entry");
         // Nobody else can claim it twice.
-        assert!(r.claim(b, &key(b"addr", b"x"), &mut Scan::default()).is_none());
+        assert!(r
+            .claim(b, &key(b"addr", b"x"), &mut Scan::default())
+            .is_none());
         r.finish(c);
         assert!(!r.withdraw(t), "nor once the claimer is done with it");
         assert_eq!(r.idle_entries(), 0);
@@ -682,7 +712,9 @@ mod tests {
         let t = r.publish(a, &key(b"addr", b""), socket(5)).unwrap();
         assert!(r.withdraw(t));
         assert!(!r.withdraw(t), "a ticket withdraws once");
-        assert!(r.claim(b, &key(b"addr", b""), &mut Scan::default()).is_none());
+        assert!(r
+            .claim(b, &key(b"addr", b""), &mut Scan::default())
+            .is_none());
         // The entry is free again, and a new ticket differs.
         let t2 = r.publish(a, &key(b"addr", b""), socket(5)).unwrap();
         assert_ne!(t, t2);
@@ -719,7 +751,11 @@ mod tests {
         let d = r.register(300, |_| true).unwrap();
         r.publish(d, &key(b"k", b""), socket(2)).unwrap();
         r.publish(d, &key(b"j", b""), socket(3)).unwrap();
-        let e = r.register(400, |pid| pid != 300).unwrap();
+        let mut seen = vec![];
+        let e = r
+            .register_with(400, |pid| pid != 300, |pid, n| seen.push((pid, n)))
+            .unwrap();
+        assert_eq!(seen, [(300, 2)]);
         assert!(!r.alive(d));
         assert!(r.alive(e) && r.alive(b));
         assert_eq!(r.idle_entries(), 0);
@@ -733,7 +769,7 @@ mod tests {
 
     #[test]
     fn full_window_is_refused_not_overwritten() {
-        let (_m, r) = registry(16);
+        let (_m, r) = registry(WINDOW);
         let a = r.register(1, |_| true).unwrap();
         let tickets: Vec<_> = (0..WINDOW)
             .map(|fd| r.publish(a, &key(b"k", b""), socket(fd as i32)).unwrap())
@@ -744,7 +780,7 @@ mod tests {
 
     #[test]
     fn long_keys_are_not_published() {
-        let (_m, r) = registry(16);
+        let (_m, r) = registry(WINDOW);
         let a = r.register(1, |_| true).unwrap();
         let long = [b'x'; KEY_BYTES];
         assert!(r.publish(a, &key(b"a", &long), socket(1)).is_none());
@@ -759,7 +795,9 @@ mod tests {
         r.publish(a, &key(b"k", b"s"), socket(4)).unwrap();
         let base = r.base.as_ptr();
         let again = unsafe { Registry::open(base, Registry::bytes_for(32)) }.unwrap();
-        assert!(again.claim(b, &key(b"k", b"s"), &mut Scan::default()).is_some());
+        assert!(again
+            .claim(b, &key(b"k", b"s"), &mut Scan::default())
+            .is_some());
         assert!(unsafe { Registry::open(base, 8) }.is_none());
         drop(m);
     }
