@@ -108,6 +108,11 @@ impl IdleState {
         }
     }
 
+    /// Idle connections the cache holds at most.
+    pub fn capacity(&self) -> usize {
+        self.handles.len()
+    }
+
     /// Bytes of memory held, fixed by the configuration.
     pub fn memory_bytes(&self) -> usize {
         self.cache.memory_bytes() + self.handles.len() * size_of::<SlotHandle>()

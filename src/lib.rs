@@ -200,7 +200,7 @@ unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
             .served
             .iter()
             .filter(|s| (*s.idle).share)
-            .map(|s| (&(*s.idle).handles).len())
+            .map(|s| (*s.idle).capacity())
             .sum();
         share::add_zone(
             cf,

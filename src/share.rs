@@ -434,13 +434,13 @@ pub unsafe fn publish(c: *mut ngx_connection_t, key: &Key) -> Option<Ticket> {
 /// worker took it (then the caller drops it, see [`drop_taken`]).
 #[inline]
 pub fn withdraw(ticket: Ticket) -> bool {
-    worker().is_none_or(|w| w.registry.withdraw(ticket))
+    worker().map_or(true, |w| w.registry.withdraw(ticket))
 }
 
 /// Whether a published connection is still unclaimed.
 #[inline]
 pub fn published(ticket: Ticket) -> bool {
-    worker().is_none_or(|w| w.registry.published(ticket))
+    worker().map_or(true, |w| w.registry.published(ticket))
 }
 
 /// Another worker took idle connection `c`: it leaves this worker's event

@@ -638,9 +638,11 @@ mod tests {
             buf: vec![0xa5a5_a5a5_a5a5_a5a5; bytes / 8 + 1],
         };
         let p = mem.buf.as_mut_ptr() as *mut u8;
+        // SAFETY: the buffer has 64 bytes to spare for the alignment.
         let aligned = unsafe { p.add(p.align_offset(64)) };
-        let r =
-            unsafe { Registry::format(aligned, Registry::bytes_for(capacity), capacity) }.unwrap();
+        let bytes = Registry::bytes_for(capacity);
+        // SAFETY: the buffer outlives the registry (returned with it).
+        let r = unsafe { Registry::format(aligned, bytes, capacity) }.unwrap();
         (mem, r)
     }
 
@@ -794,10 +796,12 @@ mod tests {
         let b = r.register(2, |_| true).unwrap();
         r.publish(a, &key(b"k", b"s"), socket(4)).unwrap();
         let base = r.base.as_ptr();
+        // SAFETY: the same memory, alive while `m` is.
         let again = unsafe { Registry::open(base, Registry::bytes_for(32)) }.unwrap();
         assert!(again
             .claim(b, &key(b"k", b"s"), &mut Scan::default())
             .is_some());
+        // SAFETY: as above.
         assert!(unsafe { Registry::open(base, 8) }.is_none());
         drop(m);
     }
