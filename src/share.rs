@@ -317,8 +317,13 @@ fn errno() -> c_int {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
+/// "Operation not permitted", as strerror(3) says it.
 fn errno_text(err: c_int) -> String {
-    std::io::Error::from_raw_os_error(err).to_string()
+    let text = std::io::Error::from_raw_os_error(err).to_string();
+    match text.split_once(" (os error") {
+        Some((message, _)) => message.to_owned(),
+        None => text,
+    }
 }
 
 /// Whether this kernel and its policy give pidfd_open() and
