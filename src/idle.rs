@@ -65,7 +65,8 @@ pub struct IdleState {
     /// Random, per upstream and configuration: part of the stamp of the
     /// TLS sessions saved through this upstream (see `session`).
     pub session_nonce: u64,
-    /// `keepalive_share on`: its plain connections are published to the
+    /// `keepalive_share on` and this worker shares (cleared at init
+    /// process otherwise): its plain connections are published to the
     /// other workers and it takes theirs.
     pub share: bool,
     /// The upstream's identity in the registry (its configuration's

@@ -168,6 +168,13 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
         status::start_worker(cycle);
         if let Some(mcf) = Module::main_conf(&*cycle) {
             share::start_worker(cycle, &mcf.share);
+            // Not sharing (one worker, no transport): the hot path asks
+            // the upstream's flag alone.
+            if !share::active() {
+                for served in &mcf.served {
+                    (*served.idle).share = false;
+                }
+            }
         }
     }
     Status::NGX_OK.0

@@ -446,19 +446,22 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         };
         // A published connection is withdrawn before it is used; one
         // another worker took meanwhile is dropped, and the next tried.
+        // `share`: set only while this worker shares (one worker: never).
         let mut taken = taken;
-        while let Some(c) = taken {
-            let handle = (*c.as_ptr()).data as *mut SlotHandle;
-            if (*handle).withdraw() {
-                break;
+        if idle.share {
+            while let Some(c) = taken {
+                let handle = (*c.as_ptr()).data as *mut SlotHandle;
+                if (*handle).withdraw() {
+                    break;
+                }
+                share::drop_taken(c.as_ptr());
+                taken = kp.bucket.and_then(|b| idle.cache.take_from(b));
             }
-            share::drop_taken(c.as_ptr());
-            taken = kp.bucket.and_then(|b| idle.cache.take_from(b));
         }
         let kp = &*kp;
         let mut taken = taken.map(NonNull::as_ptr);
         let mut shared = false;
-        if taken.is_none() && idle.share && share::active() {
+        if taken.is_none() && idle.share {
             taken = take_shared(kp, pc, idle);
             shared = taken.is_some();
         }
@@ -734,11 +737,7 @@ unsafe extern "C" fn free_peer(
             keep(kp, pc, conn, log, debug);
         } else {
             not_kept(kp, pc, state);
-        }
-        // Not kept: nginx closes it next; one that moved here is shut
-        // down first (see `share`).
-        if share::active() && !(*pc).connection.is_null() {
-            share::before_close((*pc).connection);
+            unkept(pc);
         }
 
         if let Some(free) = kp.original_free_peer {
@@ -769,10 +768,12 @@ unsafe fn keep(
         } else {
             if !tls_keepable(kp, pc, log) {
                 idle.count(Counter::NotKept(NotKept::Error));
+                unkept(pc);
                 return;
             }
             let Some(limit) = bucket_limit(kp, log) else {
                 idle.count(Counter::NotKept(NotKept::Error));
+                unkept(pc);
                 return;
             };
             limit
@@ -787,11 +788,15 @@ unsafe fn keep(
             Some(Ok(slot)) => slot,
             Some(Err(refusal)) => {
                 refused(kp, idle, log, &refusal);
+                unkept(pc);
                 return;
             }
             None => match store_by_key(kp, pc, conn, idle, limit, log) {
                 Some(slot) => slot,
-                None => return,
+                None => {
+                    unkept(pc);
+                    return;
+                }
             },
         };
 
@@ -801,6 +806,7 @@ unsafe fn keep(
         let Some(handle) = idle.handles.get_mut(slot).map(ptr::from_mut) else {
             idle.cache.remove(slot);
             idle.count(Counter::NotKept(NotKept::Error));
+            unkept(pc);
             return;
         };
         idle.count(Counter::Kept);
@@ -813,11 +819,27 @@ unsafe fn keep(
             kp.identity()
         );
 
-        if idle.share && share::active() {
+        if idle.share {
             publish(kp, pc, c, handle.cast());
         }
         (*pc).connection = ptr::null_mut();
         idle::park(c, handle.cast(), (*kp.conf).timeout);
+    }
+}
+
+/// The request's connection is not kept: nginx closes it next; one that
+/// moved here from another worker is shut down first (see `share`).
+///
+/// # Safety
+/// `pc` is the request's peer connection.
+#[cold]
+#[inline(never)]
+unsafe fn unkept(pc: *mut ngx_peer_connection_t) {
+    // SAFETY: see above.
+    unsafe {
+        if share::active() && !(*pc).connection.is_null() {
+            share::before_close((*pc).connection);
+        }
     }
 }
 
