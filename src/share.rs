@@ -299,11 +299,14 @@ pub unsafe fn start_worker(cycle: *mut ngx_cycle_t, zone: &Zone) {
     }
 }
 
-/// The worker leaves: its entries are never claimed again.
+/// The worker leaves: its entries are never claimed again, and its state
+/// is freed (before nginx unloads the module with the cycle's pool).
 pub fn exit_worker() {
     if let Some(w) = worker() {
         w.registry.retire(w.me);
     }
+    // SAFETY: one thread; nothing uses the state after exit process.
+    unsafe { *ptr::addr_of_mut!(WORKER) = None };
 }
 
 /// A process that exists (`EPERM`: someone else's, still there).
