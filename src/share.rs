@@ -21,7 +21,7 @@
 //! memory and stay there.
 //!
 //! This worker's side of the protocol, in nginx terms:
-//! - keep (free peer): the connection is parked, then published; its slot
+//! - keep (free peer): the connection is published, then parked; its slot
 //!   handle holds the ticket;
 //! - a local take (get peer), an idle close (close handler, timer,
 //!   eviction, shutdown sweep) first withdraws the ticket; a connection
