@@ -157,10 +157,12 @@ is($busy_failed, 0, 'busy Hosts: no failed request');
 is($r{trickle}{failed} + $r{flood}{failed}, 0, 'random Hosts: no failed request');
 
 # the random Hosts were there all along: each one a key the pool had to
-# find a bucket for, well over its 20 buckets
+# find a bucket for, well over its 20 buckets; the flood several times the
+# trickle (about ten times on an idle machine, eight seen on a loaded one:
+# the flood sends back to back, so its rate is the machine's)
 
 cmp_ok($r{trickle}{ok}, '>=', 20, 'trickle: random Hosts sent');
-cmp_ok($r{flood}{ok}, '>=', 10 * $r{trickle}{ok}, 'flood: random Hosts sent');
+cmp_ok($r{flood}{ok}, '>=', 4 * $r{trickle}{ok}, 'flood: random Hosts sent');
 
 # connections the busy Hosts used, at each backend (a connection only ever
 # serves one Host)
