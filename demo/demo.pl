@@ -315,7 +315,7 @@ sub start_nginx ($inst) {
 	write_file("$prefix/nginx.conf", <<"EOF");
 daemon off;
 user root;
-worker_processes 1;
+worker_processes 4;
 pid $prefix/logs/nginx.pid;
 error_log $prefix/logs/error.log info;
 

@@ -17,7 +17,15 @@
 #                       bench/results/flood-<date>-<HHMM>.md, flood-latest.md
 #                       (~1 min 10 s; BENCH_FLOOD_DURATION, BENCH_FLOOD_ROUNDS
 #                       in bench/flood.pl)
-.PHONY: bench bench-micro bench-profile bench-flood
+#   make bench-workers  upstream connections and reuse with 1, 2, 4, 8
+#                       workers, sliced and unsliced, keepalive_share on
+#                       and off, against Apache prefork (KeepAliveTimeout
+#                       5), each request on a fresh client connection;
+#                       writes bench/results/workers-<date>-<HHMM>.md,
+#                       workers-latest.md (~5 min; BENCH_WORKERS_DURATION,
+#                       BENCH_WORKERS_RATE, BENCH_WORKERS in
+#                       bench/workers.pl)
+.PHONY: bench bench-micro bench-profile bench-flood bench-workers
 
 bench: deps deps-bench build
 	perl bench/bench.pl
@@ -31,3 +39,7 @@ bench-profile: deps build
 
 bench-flood: deps deps-bench build
 	perl bench/flood.pl
+
+bench-workers: deps build
+	@sh .ci/packages apache2
+	perl bench/workers.pl

@@ -14,6 +14,7 @@ use ngx::ffi::{
 use keepalive_slice_core::stats::Geometry;
 
 use crate::idle::IdleState;
+use crate::share;
 
 /// nginx's `NGX_CONF_UNSET_UINT` and `NGX_CONF_UNSET_MSEC`, which the
 /// bindings do not carry: what the slot setters find unset.
@@ -74,6 +75,9 @@ pub struct KeepaliveConf {
     /// `keepalive_hint_margin`.
     pub hints: ngx_flag_t,
     pub hint_margin: ngx_msec_t,
+    /// `keepalive_share on|off` (nginx's flag setter): idle connections
+    /// shared with the other workers (on by default).
+    pub share: ngx_flag_t,
 
     /// `keepalive` was given in this upstream (for "is duplicate").
     pub configured: bool,
@@ -99,6 +103,7 @@ impl KeepaliveConf {
             timeout: NGX_CONF_UNSET_MSEC,
             hints: NGX_CONF_UNSET,
             hint_margin: NGX_CONF_UNSET_MSEC,
+            share: NGX_CONF_UNSET,
             configured: false,
             max_cached: 0,
             local: false,
@@ -127,6 +132,9 @@ impl KeepaliveConf {
         if self.hint_margin == NGX_CONF_UNSET_MSEC {
             self.hint_margin = DEFAULT_HINT_MARGIN;
         }
+        if self.share == NGX_CONF_UNSET {
+            self.share = 1;
+        }
     }
 }
 
@@ -145,6 +153,8 @@ pub struct MainConf {
     /// `$upstream_keepalive_*` as nginx registered them (set in
     /// preconfiguration, read once the configuration is complete).
     pub variables: Vec<*mut ngx_http_variable_t>,
+    /// The zone of idle connections shared between workers.
+    pub share: share::Zone,
 }
 
 impl MainConf {
@@ -157,6 +167,7 @@ impl MainConf {
                 arena: 0,
             },
             variables: Vec::new(),
+            share: share::Zone::new(),
         }
     }
 }

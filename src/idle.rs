@@ -21,9 +21,11 @@ use ngx::core::Status;
 
 use keepalive_slice_core::args::MAX_CONNECTIONS;
 use keepalive_slice_core::cache::{boxed_slice, IdleCache};
+use keepalive_slice_core::registry::Ticket;
 use keepalive_slice_core::stats::{Closed, Counter, UpstreamStats};
 
 use crate::log::debug_http;
+use crate::share;
 
 /// What a connection carries of its backend's `Keep-Alive` hints (see
 /// `hint`), in one `u32` (the peer data's and the idle connection's
@@ -69,14 +71,35 @@ impl IdleHint {
 /// at its handle, so the close handler finds its slot without a search.
 pub struct SlotHandle {
     idle: *mut IdleState,
-    /// (`u32`: 16 bytes a handle, `MAX_CONNECTIONS` slots at most.)
+    /// (`u32`: `MAX_CONNECTIONS` slots at most.)
     slot: u32,
     /// What the connection keeps of its backend's `Keep-Alive` headers
     /// (`IdleHint::packed`).
     pub hint: u32,
+    /// The connection is published to the other workers (see `share`):
+    /// withdrawn before this worker uses or closes it.
+    pub ticket: Option<Ticket>,
 }
 
-const _: () = assert!(MAX_CONNECTIONS <= u32::MAX as usize && size_of::<SlotHandle>() == 16);
+impl SlotHandle {
+    /// Whether the connection in this slot is still this worker's to use
+    /// or close: never published, or withdrawn now. `false`: another
+    /// worker took it (the caller drops it, `share::drop_taken`).
+    #[inline(always)]
+    pub fn withdraw(&mut self) -> bool {
+        match self.ticket {
+            None => true,
+            Some(ticket) => {
+                self.ticket = None;
+                share::withdraw(ticket)
+            }
+        }
+    }
+}
+
+// A handle per connection of every cache, allocated with the configuration
+// (docs/directives.md, "Limits and memory").
+const _: () = assert!(MAX_CONNECTIONS <= u32::MAX as usize && size_of::<SlotHandle>() <= 40);
 
 /// One upstream's idle connections in this worker (the configuration is
 /// copied into each worker by fork, and with it this state).
@@ -94,6 +117,13 @@ pub struct IdleState {
     /// Random, per upstream and configuration: part of the stamp of the
     /// TLS sessions saved through this upstream (see `session`).
     pub session_nonce: u64,
+    /// `keepalive_share on` and this worker shares (cleared at init
+    /// process otherwise): its plain connections are published to the
+    /// other workers and it takes theirs.
+    pub share: bool,
+    /// The upstream's identity in the registry (its configuration's
+    /// address: the same in every worker of one configuration).
+    pub upstream: usize,
 }
 
 impl IdleState {
@@ -115,6 +145,7 @@ impl IdleState {
             idle: ptr::null_mut(),
             slot: slot as u32,
             hint: 0,
+            ticket: None,
         })?;
         Some(IdleState {
             cache,
@@ -123,6 +154,8 @@ impl IdleState {
             log_tries: false,
             next: IdleHint::none(keepalive_timeout),
             session_nonce: random_nonce(),
+            share: false,
+            upstream: 0,
         })
     }
 
@@ -133,6 +166,11 @@ impl IdleState {
         for handle in state.handles.iter_mut() {
             handle.idle = idle;
         }
+    }
+
+    /// Idle connections the cache holds at most.
+    pub fn capacity(&self) -> usize {
+        self.handles.len()
     }
 
     /// Bytes of memory held, fixed by the configuration.
@@ -245,6 +283,17 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
         debug_http!((*ev).log, "keepalive slice close handler");
 
         let c = (*ev).data as *mut ngx_connection_t;
+        let handle = &mut *((*c).data as *mut SlotHandle);
+
+        // Taken by another worker: its traffic woke this one (or the
+        // timer did); the registry says so before the socket is looked at,
+        // and the taker's bytes are never "unexpected data".
+        if handle.ticket.is_some_and(|t| !share::published(t)) {
+            handle.ticket = None;
+            (*handle.idle).cache.remove(handle.slot as usize);
+            share::drop_taken(c);
+            return;
+        }
 
         let reason = if (*c).close() != 0 {
             Closed::Shutdown
@@ -263,6 +312,7 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
                 // by the backend until the connection is reused.
                 (*ev).set_ready(0);
                 if ngx_handle_read_event((*c).read, 0) == Status::NGX_OK.0 {
+                    // Still idle, and still published.
                     return;
                 }
                 Closed::Error
@@ -274,11 +324,36 @@ unsafe extern "C" fn close_handler(ev: *mut ngx_event_t) {
             }
         };
 
-        let handle = &*((*c).data as *const SlotHandle);
         let idle = &mut *handle.idle;
         idle.cache.remove(handle.slot as usize);
+        // Taken since the look above: the bytes seen were the taker's.
+        if !handle.withdraw() {
+            share::drop_taken(c);
+            return;
+        }
         idle.count(Counter::Closed(reason));
+        share::before_close(c);
         close_connection(c);
+    }
+}
+
+/// Closes an idle connection that left the cache (evicted, or its bucket
+/// given to another key): withdrawn first; one another worker took is
+/// only dropped (`false`: it left as the taker's reuse, not as closed).
+///
+/// # Safety
+/// `c` must be a live idle connection no longer referenced by the cache.
+pub unsafe fn close_idle(c: *mut ngx_connection_t) -> bool {
+    // SAFETY: see above; an idle connection's data is its slot's handle.
+    unsafe {
+        let handle = &mut *((*c).data as *mut SlotHandle);
+        if !handle.withdraw() {
+            share::drop_taken(c);
+            return false;
+        }
+        share::before_close(c);
+        close_connection(c);
+        true
     }
 }
 

@@ -8,6 +8,8 @@
 //! using only those below it:
 //!
 //! - `log`: logging macros that keep formatting off the hot path;
+//! - `share`: idle connections shared between the workers (the registry's
+//!   zone, the descriptor hand-over);
 //! - `idle`: one upstream's idle connections in a worker, and the handlers
 //!   of a connection while it is idle;
 //! - `conf`: the configuration types and their defaults;
@@ -44,6 +46,7 @@ mod log;
 mod module;
 mod peer;
 mod session;
+mod share;
 mod status;
 mod tls;
 mod variables;
@@ -63,9 +66,10 @@ use ngx::ffi::{
 use ngx::{ngx_log_error, ngx_string};
 
 use crate::conf::{KeepaliveConf, MainConf};
-use crate::module::VERSION;
+use crate::module::{Module, VERSION};
+use ngx::http::HttpModuleMainConf;
 
-static mut COMMANDS: [ngx_command_t; 8] = [
+static mut COMMANDS: [ngx_command_t; 9] = [
     ngx_command_t {
         name: ngx_string!("keepalive"),
         type_: (NGX_HTTP_UPS_CONF | NGX_CONF_1MORE) as ngx_uint_t,
@@ -115,6 +119,14 @@ static mut COMMANDS: [ngx_command_t; 8] = [
         post: ptr::null_mut(),
     },
     ngx_command_t {
+        name: ngx_string!("keepalive_share"),
+        type_: (NGX_HTTP_UPS_CONF | NGX_CONF_FLAG) as ngx_uint_t,
+        set: Some(ngx_conf_set_flag_slot),
+        conf: NGX_HTTP_SRV_CONF_OFFSET,
+        offset: offset_of!(KeepaliveConf, share),
+        post: ptr::null_mut(),
+    },
+    ngx_command_t {
         name: ngx_string!("keepalive_status"),
         type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
         set: Some(status::keepalive_status_directive),
@@ -146,6 +158,7 @@ pub static mut ngx_http_upstream_keepalive_slice_module: ngx_module_t = ngx_modu
     type_: NGX_HTTP_MODULE as ngx_uint_t,
     init_module: Some(init_module),
     init_process: Some(init_process),
+    exit_process: Some(exit_process),
     ..ngx_module_t::default()
 };
 
@@ -169,8 +182,25 @@ unsafe extern "C" fn init_module(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 /// Each worker (or the single process) picks its counter slots.
 unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
     // SAFETY: nginx calls init_process with the worker's cycle.
-    unsafe { status::start_worker(cycle) };
+    unsafe {
+        status::start_worker(cycle);
+        if let Some(mcf) = Module::main_conf(&*cycle) {
+            share::start_worker(cycle, &mcf.share);
+            // Not sharing (one worker, no transport): the hot path asks
+            // the upstream's flag alone.
+            if !share::active() {
+                for served in &mcf.served {
+                    (*served.idle).share = false;
+                }
+            }
+        }
+    }
     Status::NGX_OK.0
+}
+
+/// A worker leaving: its shared idle connections are never taken again.
+unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+    share::exit_worker();
 }
 
 /// The `$upstream_keepalive_*` variables exist before any directive may
@@ -182,8 +212,28 @@ unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
 
 /// Every upstream is initialised: the counters' zone can be sized.
 unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-    // SAFETY: nginx calls postconfiguration with the live configuration.
-    unsafe { status::add_zone(cf) }
+    // SAFETY: nginx calls postconfiguration with the live configuration;
+    // the served upstreams' idle states live as long as it.
+    unsafe {
+        if status::add_zone(cf) != Status::NGX_OK.0 {
+            return Status::NGX_ERROR.0;
+        }
+        let Some(mcf) = Module::main_conf_mut(&*cf) else {
+            return Status::NGX_ERROR.0;
+        };
+        let connections: usize = mcf
+            .served
+            .iter()
+            .filter(|s| (*s.idle).share)
+            .map(|s| (*s.idle).capacity())
+            .sum();
+        share::add_zone(
+            cf,
+            ptr::addr_of_mut!(mcf.share),
+            connections,
+            module::zone_tag(),
+        )
+    }
 }
 
 unsafe extern "C" fn create_main_conf(cf: *mut ngx_conf_t) -> *mut c_void {

@@ -31,11 +31,12 @@ use keepalive_slice_core::stats::{Counter, NotKept};
 
 use crate::conf::{no_init_peer, KeepaliveConf, SliceConf};
 use crate::hint;
-use crate::idle::{self, close_connection, IdleHint, IdleState, SlotHandle, HEADER, HINTED};
+use crate::idle::{self, IdleHint, IdleState, SlotHandle, CARRIED, HEADER, HINTED};
 use crate::log::{debug_http, debug_http_if, debugging, log_error};
 use crate::module::{allocate, served_conf, Module};
 #[cfg(ngx_feature = "http_ssl")]
 use crate::session;
+use crate::share;
 use crate::tls::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
 use crate::variables;
 
@@ -235,6 +236,8 @@ pub unsafe fn init_keepalive(
             return Status::NGX_ERROR.0;
         };
         IdleState::bind_handles(idle);
+        (*idle).share = kcf.share != 0;
+        (*idle).upstream = ptr::from_ref(kcf) as usize;
         kcf.idle = idle;
     }
     Status::NGX_OK.0
@@ -445,14 +448,35 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             };
             kp.bucket.and_then(|b| idle.cache.take_from(b))
         };
+        // A published connection is withdrawn before it is used; one
+        // another worker took meanwhile is dropped, and the next tried.
+        // `share`: set only while this worker shares (one worker: never).
+        let mut taken = taken;
+        if idle.share {
+            while let Some(c) = taken {
+                let handle = (*c.as_ptr()).data as *mut SlotHandle;
+                if (*handle).withdraw() {
+                    break;
+                }
+                share::drop_taken(c.as_ptr());
+                taken = kp.bucket.and_then(|b| idle.cache.take_from(b));
+            }
+        }
         let taken = taken.map(NonNull::as_ptr);
         // What a reused connection carries of its backend's hints (its
-        // handle is still its data); a new one carries nothing.
+        // handle is still its data); a new one, or one taken from another
+        // worker, carries nothing.
         kp.hint = match taken {
             Some(c) => (*((*c).data as *const SlotHandle)).hint,
             None => 0,
         };
         let kp = &*kp;
+        let mut taken = taken;
+        let mut shared = false;
+        if taken.is_none() && idle.share {
+            taken = take_shared(kp, pc, idle);
+            shared = taken.is_some();
+        }
         idle.stats.count(match taken {
             Some(_) => Counter::Reused,
             None => Counter::Missed,
@@ -460,7 +484,13 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         if idle.log_tries {
             // nginx counts this request on the connection right after.
             let requests = taken.map_or(1, |c| (*c).requests + 1);
-            variables::record_try(kp.request, taken.is_some(), requests, kp.logged_key());
+            variables::record_try(
+                kp.request,
+                taken.is_some(),
+                shared,
+                requests,
+                kp.logged_key(),
+            );
         }
         let Some(c) = taken else {
             debug_http!(
@@ -470,6 +500,11 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             );
             return Status::NGX_OK.0;
         };
+        if shared {
+            (*pc).connection = c;
+            (*pc).set_cached(1);
+            return Status::NGX_DONE.0;
+        }
 
         debug_http!(
             (*pc).log,
@@ -484,6 +519,78 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         (*pc).set_cached(1);
     }
     Status::NGX_DONE.0
+}
+
+/// Whether this request's connections may move between workers: plain
+/// (no TLS), of a protocol whose whole state is the socket, with a key.
+///
+/// # Safety
+/// The request of `kp` must be live.
+#[inline]
+unsafe fn shareable(kp: &PeerData) -> bool {
+    // SAFETY: see above.
+    unsafe {
+        matches!(kp.tls, TlsKey::Plain)
+            && kp.slice_state != SliceState::Failed
+            && share::shareable_module((*kp.upstream).output.tag)
+    }
+}
+
+/// After a local miss: an idle connection of the request's bucket that
+/// another worker holds, if there is one.
+///
+/// # Safety
+/// `pc` and `kp` belong to a live request whose balancer chose a server.
+#[inline(never)]
+unsafe fn take_shared(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    idle: &mut IdleState,
+) -> Option<*mut ngx_connection_t> {
+    // SAFETY: see above.
+    unsafe {
+        if !shareable(kp) {
+            return None;
+        }
+        let slice = kp.logged_key();
+        let key = share::key(kp.conf as usize, kp.tag, sockaddr(pc), slice.as_bytes())?;
+        let taken = share::take(&key, pc);
+        for _ in 0..taken.failed {
+            idle.stats.count(Counter::ShareFailed);
+        }
+        let c = taken.connection?;
+        idle.stats.count(Counter::SharedTaken);
+        debug_http!(
+            (*pc).log,
+            "get keepalive slice peer: using connection {:p} of another worker: {}",
+            c,
+            kp.identity()
+        );
+        Some(c)
+    }
+}
+
+/// Publishes a connection just kept, for the other workers.
+///
+/// # Safety
+/// `c` is the request's connection, just stored in `handle`'s slot.
+#[inline(never)]
+unsafe fn publish(
+    kp: &PeerData,
+    pc: *mut ngx_peer_connection_t,
+    c: *mut ngx_connection_t,
+    handle: *mut SlotHandle,
+) {
+    // SAFETY: see above.
+    unsafe {
+        if !shareable(kp) {
+            return;
+        }
+        let slice = kp.logged_key();
+        if let Some(key) = share::key(kp.conf as usize, kp.tag, sockaddr(pc), slice.as_bytes()) {
+            (*handle).ticket = share::publish(c, &key);
+        }
+    }
 }
 
 /// Whether the connection can be kept, before the cache is even asked:
@@ -660,6 +767,7 @@ unsafe extern "C" fn free_peer(
             keep(kp, pc, conn, log, debug);
         } else {
             not_kept(kp, pc, state, (*kp.conf).requests);
+            unkept(pc);
         }
 
         if let Some(free) = kp.original_free_peer {
@@ -691,12 +799,14 @@ unsafe fn free_hinted(
         let (requests, next) = hint::decide(kp.hint, kp.upstream, c, kcf, log);
         if !c.is_null() && (*c).requests >= requests {
             not_kept(kp, pc, state, requests);
+            unkept(pc);
         } else if let Some(conn) = keepable(kp, pc, state) {
             (*kcf.idle).next = next;
             keep(kp, pc, conn, log, debug);
             (*kcf.idle).next = IdleHint::none(kcf.timeout);
         } else {
             not_kept(kp, pc, state, kcf.requests);
+            unkept(pc);
         }
     }
 }
@@ -745,10 +855,12 @@ unsafe fn keep(
         } else {
             if !tls_keepable(kp, pc, log) {
                 idle.count(Counter::NotKept(NotKept::Error));
+                unkept(pc);
                 return;
             }
             let Some(limit) = bucket_limit(kp, log) else {
                 idle.count(Counter::NotKept(NotKept::Error));
+                unkept(pc);
                 return;
             };
             limit
@@ -763,11 +875,15 @@ unsafe fn keep(
             Some(Ok(slot)) => slot,
             Some(Err(refusal)) => {
                 refused(kp, idle, log, &refusal);
+                unkept(pc);
                 return;
             }
             None => match store_by_key(kp, pc, conn, idle, limit, log) {
                 Some(slot) => slot,
-                None => return,
+                None => {
+                    unkept(pc);
+                    return;
+                }
             },
         };
 
@@ -777,6 +893,7 @@ unsafe fn keep(
         let Some(handle) = idle.handles.get_mut(slot).map(ptr::from_mut) else {
             idle.cache.remove(slot);
             idle.count(Counter::NotKept(NotKept::Error));
+            unkept(pc);
             return;
         };
         // keepalive_timeout, or the hint's (free_hinted).
@@ -792,8 +909,30 @@ unsafe fn keep(
             kp.identity()
         );
 
+        // A request limit from the backend's Keep-Alive header stays with
+        // the connection's handle in this worker, which the registry does
+        // not carry: such a connection is not offered to the others.
+        if idle.share && next.packed & CARRIED == 0 {
+            publish(kp, pc, c, handle.cast());
+        }
         (*pc).connection = ptr::null_mut();
-        idle::park(c, handle, next.timeout);
+        idle::park(c, handle.cast(), next.timeout);
+    }
+}
+
+/// The request's connection is not kept: nginx closes it next; one that
+/// moved here from another worker is shut down first (see `share`).
+///
+/// # Safety
+/// `pc` is the request's peer connection.
+#[cold]
+#[inline(never)]
+unsafe fn unkept(pc: *mut ngx_peer_connection_t) {
+    // SAFETY: see above.
+    unsafe {
+        if share::active() && !(*pc).connection.is_null() {
+            share::before_close((*pc).connection);
+        }
     }
 }
 
@@ -825,8 +964,10 @@ unsafe fn store_by_key(
         let stats = &idle.stats;
         let evict = |evicted: NonNull<ngx_connection_t>| {
             debug_http!(log, "keepalive slice: evicting connection {:p}", evicted);
-            stats.count(Counter::Evicted);
-            close_connection(evicted.as_ptr());
+            // One another worker took counts as its reuse only.
+            if idle::close_idle(evicted.as_ptr()) {
+                stats.count(Counter::Evicted);
+            }
         };
         let stored = match idle.cache.store_at(kp.bucket, &key, conn, limit, evict) {
             Ok(stored) => stored,

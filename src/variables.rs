@@ -164,6 +164,7 @@ unsafe fn log_of(r: *mut ngx_http_request_t) -> *mut TryLog {
 pub unsafe fn record_try(
     r: *mut ngx_http_request_t,
     reused: bool,
+    shared: bool,
     requests: ngx_uint_t,
     key: ngx_str_t,
 ) {
@@ -185,6 +186,7 @@ pub unsafe fn record_try(
         slot.write(Try {
             state: (*states).nelts - 1,
             reused,
+            shared,
             requests: requests as u64,
             key: LoggedKey(key),
         });
@@ -230,7 +232,11 @@ unsafe extern "C" fn variable(
             if only.state == 0 {
                 match field {
                     TryField::Reused => {
-                        let flag: &'static [u8] = if only.reused { b"r" } else { b"." };
+                        let flag: &'static [u8] = match (only.reused, only.shared) {
+                            (true, true) => b"w",
+                            (true, false) => b"r",
+                            _ => b".",
+                        };
                         // nginx only reads variable values.
                         set_value(v, flag.as_ptr().cast_mut(), 1, false);
                         return Status::NGX_OK.0;

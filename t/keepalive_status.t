@@ -40,7 +40,10 @@ my $PYTHON = '/usr/bin/python3';
 my $t = Test::Nginx->new()->has(qw/http proxy upstream_keepalive/);
 
 # Two workers, each with its own listening socket (reuseport): every new
-# client connection goes to one of them, as the kernel hashes it.
+# client connection goes to one of them, as the kernel hashes it. Each
+# worker keeps its own idle connections (keepalive_share off), so that the
+# numbers can be checked worker by worker; t/share.t counts what sharing
+# does.
 
 my $conf = <<'EOF';
 
@@ -63,49 +66,58 @@ http {
     upstream u_host {
         server 127.0.0.1:8081;
         keepalive 8 slice_key=$host slice_conn=2;
+        keepalive_share off;
     }
 
     upstream u_conn1 {
         server 127.0.0.1:8082;
         keepalive 8 slice_key=$host slice_conn=1;
+        keepalive_share off;
     }
 
     upstream u_conn0 {
         server 127.0.0.1:8083;
         keepalive 8 slice_key=$host slice_conn=0;
+        keepalive_share off;
     }
 
     upstream u_evict {
         server 127.0.0.1:8084;
         keepalive 1 slice_key=$host slice_conn=1;
+        keepalive_share off;
     }
 
     upstream u_timeout {
         server 127.0.0.1:8085;
         keepalive 8;
+        keepalive_share off;
         keepalive_timeout 1s;
     }
 
     upstream u_server {
         server 127.0.0.1:8086;
         keepalive 8;
+        keepalive_share off;
     }
 
     upstream u_requests {
         server 127.0.0.1:8087;
         keepalive 8;
+        keepalive_share off;
         keepalive_requests 3;
     }
 
     upstream u_time {
         server 127.0.0.1:8088;
         keepalive 8;
+        keepalive_share off;
         keepalive_time 1s;
     }
 
     upstream u_close {
         server 127.0.0.1:8089;
         keepalive 8;
+        keepalive_share off;
     }
 
     # nothing listens on 8097: every request fails there first, then
@@ -114,17 +126,20 @@ http {
         server 127.0.0.1:8097 max_fails=0;
         server 127.0.0.1:8090 backup;
         keepalive 8;
+        keepalive_share off;
     }
 
     upstream u_pool {
         server 127.0.0.1:8091;
         keepalive 8 slice_key=$host slice_conn=2 slice_poolsize=1;
+        keepalive_share off;
     }
 
     # operator text in a label value
     upstream "we\"ird\\name" {
         server 127.0.0.1:8081;
         keepalive 2;
+        keepalive_share off;
     }
 
     # not ours: not on the status page
@@ -517,6 +532,7 @@ my $old_idle = $before->{idle};
 (my $second = $conf) =~ s/%%EXTRA_UPSTREAM%%/    upstream u_added {
         server 127.0.0.1:8081;
         keepalive 4;
+        keepalive_share off;
     }/;
 $t->write_file_expand('nginx.conf', $second);
 $t->reload();

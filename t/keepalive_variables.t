@@ -39,6 +39,9 @@ $t->write_file_expand('nginx.conf', <<'EOF');
 %%TEST_GLOBALS%%
 
 daemon off;
+# Each worker keeps its own idle connections (keepalive_share off in every
+# upstream): a reused connection shows "r", as checked against the backend;
+# t/share.t checks "w".
 worker_processes 2;
 
 events {
@@ -64,22 +67,26 @@ http {
     upstream u_host {
         server 127.0.0.1:8081;
         keepalive 8 slice_key=$host slice_conn=2;
+        keepalive_share off;
     }
 
     upstream u_plain {
         server 127.0.0.1:8082;
         keepalive 8;
+        keepalive_share off;
     }
 
     upstream u_cut {
         server 127.0.0.1:8083;
         keepalive 8 slice_key=$host slice_conn=2 slice_keylen=4;
+        keepalive_share off;
     }
 
     upstream u_retry {
         server 127.0.0.1:8097 max_fails=0;
         server 127.0.0.1:8084 backup;
         keepalive 8;
+        keepalive_share off;
     }
 
     server {

@@ -9,6 +9,7 @@
 //! - [`keepalive_hint`]: a backend's `Keep-Alive` header, and what it does
 //!   to the connection it came on;
 //! - [`stats`]: the counters in shared memory and their layout;
+//! - [`registry`]: idle connections shared between workers (shared memory);
 //! - [`report`]: the status page (JSON, Prometheus) and the values of the
 //!   `$upstream_keepalive_*` variables.
 //!
@@ -23,6 +24,7 @@ pub mod args;
 pub mod cache;
 pub mod identity;
 pub mod keepalive_hint;
+pub mod registry;
 pub mod report;
 pub mod stats;
 

@@ -46,7 +46,7 @@ struct Family {
 
 /// Every number of the report, in the order shown. A new counter in
 /// `stats` shows up here, or in `NotKept::ALL`/`Closed::ALL` for a reason.
-const FAMILIES: [Family; 8] = [
+const FAMILIES: [Family; 10] = [
     Family {
         json: "idle",
         prometheus: "nginx_upstream_keepalive_idle",
@@ -102,6 +102,20 @@ const FAMILIES: [Family; 8] = [
         kind: Kind::Counter,
         help: "Idle connections closed while in the cache, by reason.",
         series: Series::Closed,
+    },
+    Family {
+        json: "shared_taken",
+        prometheus: "nginx_upstream_keepalive_shared_taken_total",
+        kind: Kind::Counter,
+        help: "Upstream tries that took an idle connection from another worker (also in reused).",
+        series: Series::One(Counter::SharedTaken),
+    },
+    Family {
+        json: "share_failed",
+        prometheus: "nginx_upstream_keepalive_share_failed_total",
+        kind: Kind::Counter,
+        help: "Another worker's idle connections claimed but not had (worker gone, socket changed, refused).",
+        series: Series::One(Counter::ShareFailed),
     },
 ];
 
@@ -242,6 +256,8 @@ pub struct TryRecord<K> {
     pub state: usize,
     /// The connection came from the cache.
     pub reused: bool,
+    /// ... from another worker's idle connections.
+    pub shared: bool,
     /// Requests the connection has carried, this one included.
     pub requests: u64,
     /// The bucket key as the cache saw it.
@@ -317,7 +333,11 @@ pub fn join_tries<K: AsRef<[u8]>>(
         match tries.next_if(|t| t.state == i) {
             None => out(b"-"),
             Some(t) => match field {
-                TryField::Reused => out(if t.reused { b"r" } else { b"." }),
+                TryField::Reused => out(match (t.reused, t.shared) {
+                    (true, true) => b"w",
+                    (true, false) => b"r",
+                    _ => b".",
+                }),
                 TryField::Requests => {
                     let mut digits = [0u8; 20];
                     out(decimal(t.requests, &mut digits));
@@ -395,7 +415,7 @@ mod tests {
             "\"backend\":{\"idle\":0,\"buckets\":2,\"reused\":7,\"missed\":3,\"kept\":9,",
             "\"not_kept\":{\"bucket_full\":1,\"no_free_bucket\":0,",
             "\"error\":0,\"keepalive_hint\":0},\"evicted\":1,\"closed\":{\"timeout\":1,",
-            "\"error\":0,\"hint_timeout\":0}}",
+            "\"error\":0,\"hint_timeout\":0},\"shared_taken\":0,\"share_failed\":0}",
         ] {
             assert!(out.contains(part), "{part} in {out}");
         }
@@ -490,9 +510,17 @@ mod tests {
         TryRecord {
             state,
             reused,
+            shared: false,
             requests,
             key,
         }
+    }
+
+    #[test]
+    fn a_connection_from_another_worker_shows_w() {
+        let mut tries = [try_at(0, true, 2, b""), try_at(1, true, 3, b"")];
+        tries[1].shared = true;
+        assert_eq!(joined(TryField::Reused, &[true, true], &tries), "r, w");
     }
 
     #[test]

@@ -147,6 +147,13 @@ pub enum Counter {
     Evicted,
     NotKept(NotKept),
     Closed(Closed),
+    /// A try took an idle connection from another worker (counted as
+    /// `Reused` too).
+    SharedTaken,
+    /// A try claimed another worker's idle connection but could not have
+    /// it (the worker was gone, the socket not the same, the kernel
+    /// refused).
+    ShareFailed,
 }
 
 // Positions in a WorkerCounters block. Adding a counter: a variant above,
@@ -161,8 +168,10 @@ const EVICTED: usize = 3;
 const BUCKETS: usize = 4;
 const NOT_KEPT: usize = 5;
 const CLOSED: usize = NOT_KEPT + NotKept::ALL.len();
+const SHARED_TAKEN: usize = CLOSED + Closed::ALL.len();
+const SHARE_FAILED: usize = SHARED_TAKEN + 1;
 /// Values in a WorkerCounters block.
-pub const VALUES: usize = CLOSED + Closed::ALL.len();
+pub const VALUES: usize = SHARE_FAILED + 1;
 
 impl Counter {
     #[inline]
@@ -174,6 +183,8 @@ impl Counter {
             Counter::Evicted => EVICTED,
             Counter::NotKept(reason) => NOT_KEPT + reason as usize,
             Counter::Closed(reason) => CLOSED + reason as usize,
+            Counter::SharedTaken => SHARED_TAKEN,
+            Counter::ShareFailed => SHARE_FAILED,
         }
     }
 }
@@ -696,6 +707,7 @@ mod tests {
         ];
         all.extend(NotKept::ALL.map(Counter::NotKept));
         all.extend(Closed::ALL.map(Counter::Closed));
+        all.extend([Counter::SharedTaken, Counter::ShareFailed]);
         all
     }
 

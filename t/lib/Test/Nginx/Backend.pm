@@ -223,6 +223,15 @@ sub _read {
 	# peer still sends is irrelevant: read it only to notice its close.
 	return if defined $c->{close_after_write};
 
+	# strict => 1: bytes of a request that came while the previous one
+	# was not answered yet (nginx never pipelines to a backend: two users
+	# of one connection at once) are logged and the connection reset.
+	if ($srv->{opts}{strict} && ($c->{waiting} || length($c->{outbuf} // ''))) {
+		_log($srv, "overlap conn=$c->{id}");
+		_close($srv, $c, 'overlap', 1);
+		return;
+	}
+
 	$c->{inbuf} .= $buf;
 	$on_input->($srv, $c);
 }
@@ -358,6 +367,9 @@ sub _log {
 #
 # Options:
 #   log => $path      event log, see above
+#   strict => 1       a request arriving on a connection before the previous
+#                     one was answered (during /sleep) is logged as
+#                     "overlap conn=N" and the connection reset
 #   vhost_bind => 1   emulate Apache mpm-itk: the first request's Host binds
 #                     the connection; a request for another Host on it is
 #                     not answered, the connection is reset
