@@ -25,7 +25,14 @@
 #                       workers-latest.md (~5 min; BENCH_WORKERS_DURATION,
 #                       BENCH_WORKERS_RATE, BENCH_WORKERS in
 #                       bench/workers.pl)
-.PHONY: bench bench-micro bench-profile bench-flood bench-workers
+#   make bench-memory   resident memory of worker and master with 2,000
+#                       upstreams of one server (200 for keepalive 1024),
+#                       nginx's own keepalive against this module's, and
+#                       nginx -t's time; writes
+#                       bench/results/memory-<date>-<HHMM>.md,
+#                       memory-latest.md (~1 min; BENCH_MEMORY_UPSTREAMS,
+#                       BENCH_MEMORY_RUNS in bench/memory.pl)
+.PHONY: bench bench-micro bench-profile bench-flood bench-workers bench-memory
 
 bench: deps deps-bench build
 	perl bench/bench.pl
@@ -43,3 +50,6 @@ bench-flood: deps deps-bench build
 bench-workers: deps build
 	@sh .ci/packages apache2
 	perl bench/workers.pl
+
+bench-memory: deps build
+	perl bench/memory.pl

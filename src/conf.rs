@@ -14,6 +14,7 @@ use ngx::ffi::{
 use keepalive_slice_core::stats::Geometry;
 
 use crate::idle::IdleState;
+use crate::mapping::Arena;
 use crate::share;
 
 /// nginx's `NGX_CONF_UNSET_UINT` and `NGX_CONF_UNSET_MSEC`, which the
@@ -155,6 +156,9 @@ pub struct MainConf {
     pub variables: Vec<*mut ngx_http_variable_t>,
     /// The zone of idle connections shared between workers.
     pub share: share::Zone,
+    /// The caches' room for long addresses (TLS), mapped for the
+    /// configuration; created before the caches, dropped after them.
+    pub overflow: Arena,
 }
 
 impl MainConf {
@@ -168,6 +172,7 @@ impl MainConf {
             },
             variables: Vec::new(),
             share: share::Zone::new(),
+            overflow: Arena::default(),
         }
     }
 }

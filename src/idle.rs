@@ -20,11 +20,12 @@ use ngx::ffi::{
 use ngx::core::Status;
 
 use keepalive_slice_core::args::MAX_CONNECTIONS;
-use keepalive_slice_core::cache::{boxed_slice, IdleCache};
+use keepalive_slice_core::cache::{boxed_slice, IdleCache, Shape};
 use keepalive_slice_core::registry::Ticket;
 use keepalive_slice_core::stats::{Closed, Counter, UpstreamStats};
 
 use crate::log::debug_http;
+use crate::mapping::Region;
 use crate::share;
 
 /// What a connection carries of its backend's `Keep-Alive` hints (see
@@ -104,7 +105,7 @@ const _: () = assert!(MAX_CONNECTIONS <= u32::MAX as usize && size_of::<SlotHand
 /// One upstream's idle connections in this worker (the configuration is
 /// copied into each worker by fork, and with it this state).
 pub struct IdleState {
-    pub cache: IdleCache<NonNull<ngx_connection_t>>,
+    pub cache: IdleCache<NonNull<ngx_connection_t>, Region>,
     /// One per slot of the cache, in the same order.
     pub handles: Box<[SlotHandle]>,
     /// This worker's counters for the upstream (the status page).
@@ -127,20 +128,14 @@ pub struct IdleState {
 }
 
 impl IdleState {
-    /// The state of a cache of `capacity` connections, sliced into
-    /// `poolsize` buckets of `keylen` key bytes, or unsliced, kept for
-    /// `keepalive_timeout` without a hint; `None` if the memory is not
-    /// there. Its handles point at it once it has its final address
-    /// ([`IdleState::bind_handles`]).
-    pub fn new(
-        capacity: usize,
-        sliced: Option<(usize, usize)>,
-        keepalive_timeout: ngx_msec_t,
-    ) -> Option<Self> {
-        let cache = match sliced {
-            Some((poolsize, keylen)) => IdleCache::new(capacity, poolsize, keylen)?,
-            None => IdleCache::unsliced(capacity)?,
-        };
+    /// The state of a cache of `shape`, connections kept for
+    /// `keepalive_timeout` without a hint, the long part of its addresses
+    /// in `overflow` (of `shape.overflow_len()` bytes); `None` if the
+    /// memory is not there. Its handles point at it once it has its final
+    /// address ([`IdleState::bind_handles`]).
+    pub fn new(shape: Shape, overflow: Region, keepalive_timeout: ngx_msec_t) -> Option<Self> {
+        let cache = IdleCache::shaped(shape, overflow)?;
+        let capacity = shape.capacity;
         let handles = boxed_slice(capacity, |slot| SlotHandle {
             idle: ptr::null_mut(),
             slot: slot as u32,
@@ -153,7 +148,7 @@ impl IdleState {
             stats: UpstreamStats::new(),
             log_tries: false,
             next: IdleHint::none(keepalive_timeout),
-            session_nonce: random_nonce(),
+            session_nonce: session_nonce(),
             share: false,
             upstream: 0,
         })
@@ -186,11 +181,32 @@ impl IdleState {
     }
 }
 
+/// A nonce of its own for each upstream of each configuration: 64 random
+/// bits from the kernel once per process, mixed with a count of the
+/// upstreams (splitmix64's step: distinct for distinct counts), so that
+/// thousands of upstreams cost one `getrandom` call, not one each.
+fn session_nonce() -> u64 {
+    use core::sync::atomic::{AtomicU64, Ordering};
+    static SEED: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    // Configurations are read on one thread: no race to choose the seed.
+    let mut seed = SEED.load(Ordering::Relaxed);
+    if seed == 0 {
+        seed = random_seed() | 1;
+        SEED.store(seed, Ordering::Relaxed);
+    }
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    let mut z = seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// 64 random bits from the kernel. Not from std's `RandomState`: its keys
 /// live in a thread-local, and the first use of the module's dynamic TLS
 /// makes LeakSanitizer's thread scan crash at exit in a dlopen()ed module
 /// (seen on nginx 1.31.4, "DTLS ... Tracer caught signal 11").
-fn random_nonce() -> u64 {
+fn random_seed() -> u64 {
     let mut bytes = [0u8; 8];
     // SAFETY: getrandom writes at most `bytes.len()` bytes into `bytes`.
     let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };

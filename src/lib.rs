@@ -8,6 +8,8 @@
 //! using only those below it:
 //!
 //! - `log`: logging macros that keep formatting off the hot path;
+//! - `mapping`: memory mapped at configuration time, resident as written
+//!   (the room of a cache's TLS addresses);
 //! - `share`: idle connections shared between the workers (the registry's
 //!   zone, the descriptor hand-over);
 //! - `idle`: one upstream's idle connections in a worker, and the handlers
@@ -43,6 +45,7 @@ mod directives;
 mod hint;
 mod idle;
 mod log;
+mod mapping;
 mod module;
 mod peer;
 mod session;

@@ -14,16 +14,16 @@ use ngx::ffi::{
     ngx_conf_t, ngx_connection_t, ngx_current_msec, ngx_event_free_peer_pt,
     ngx_event_notify_peer_pt, ngx_exiting, ngx_handle_read_event, ngx_http_complex_value,
     ngx_http_core_module, ngx_http_core_srv_conf_t, ngx_http_get_flushed_variable,
-    ngx_http_request_t, ngx_http_upstream_srv_conf_t, ngx_http_upstream_t, ngx_int_t, ngx_log_t,
-    ngx_palloc, ngx_peer_connection_t, ngx_pnalloc, ngx_str_t, ngx_terminate, ngx_uint_t,
-    NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
+    ngx_http_request_t, ngx_http_upstream_server_t, ngx_http_upstream_srv_conf_t,
+    ngx_http_upstream_t, ngx_int_t, ngx_log_t, ngx_palloc, ngx_peer_connection_t, ngx_pnalloc,
+    ngx_str_t, ngx_terminate, ngx_uint_t, NGX_LOG_EMERG, NGX_LOG_INFO, NGX_LOG_WARN,
 };
 #[cfg(ngx_feature = "http_ssl")]
 use ngx::ffi::{ngx_event_save_peer_session_pt, ngx_event_set_peer_session_pt};
-use ngx::http::HttpModuleServerConf;
+use ngx::http::{HttpModuleMainConf, HttpModuleServerConf};
 
 use keepalive_slice_core::args::parse_number;
-use keepalive_slice_core::cache::{BucketKey, BucketRef, Refusal};
+use keepalive_slice_core::cache::{BucketKey, BucketRef, Refusal, Shape, MAX_SOCKADDR_LEN};
 use keepalive_slice_core::identity::MAX_ADDR_LEN;
 #[cfg(ngx_feature = "http_ssl")]
 use keepalive_slice_core::identity::{session_stamp, MAX_SESSION_STAMP};
@@ -207,20 +207,29 @@ pub unsafe fn init_keepalive(
         // all busy, and one for a new key. A larger slice_poolsize
         // allocates no more.
         let most_useful = kcf.max_cached.saturating_mul(2).saturating_add(1);
-        let sliced = kcf
-            .slice
-            .as_ref()
-            .map(|slice| (slice.poolsize.min(most_useful), slice.keylen));
-        let (poolsize, keylen) = sliced.unwrap_or((kcf.max_cached.saturating_add(1), 0));
-        let Some(state) = IdleState::new(kcf.max_cached, sliced, kcf.timeout) else {
+        let shape = match kcf.slice.as_ref() {
+            Some(slice) => Shape::sliced(
+                kcf.max_cached,
+                slice.poolsize.min(most_useful),
+                slice.keylen,
+            ),
+            None => Shape::unsliced(kcf.max_cached),
+        }
+        .with_room(address_room(us));
+        let overflow = Module::main_conf_mut(&*cf)
+            .zip(shape.overflow_len())
+            .and_then(|(mcf, len)| mcf.overflow.carve(len));
+        let Some(state) =
+            overflow.and_then(|overflow| IdleState::new(shape, overflow, kcf.timeout))
+        else {
             log_error!(
                 NGX_LOG_EMERG,
                 (*cf).log,
                 "keepalive: cannot allocate a cache of {} connections in {} buckets \
                  of {} key bytes",
                 kcf.max_cached,
-                poolsize,
-                keylen
+                shape.buckets,
+                shape.keylen
             );
             return Status::NGX_ERROR.0;
         };
@@ -228,8 +237,8 @@ pub unsafe fn init_keepalive(
             (*cf).log,
             "init keepalive slice: {} connections, {} buckets of {} key bytes, {} bytes",
             kcf.max_cached,
-            poolsize,
-            keylen,
+            shape.buckets,
+            shape.keylen,
             state.memory_bytes()
         );
         let Some(idle) = allocate((*cf).pool, state) else {
@@ -241,6 +250,45 @@ pub unsafe fn init_keepalive(
         kcf.idle = idle;
     }
     Status::NGX_OK.0
+}
+
+/// The socket address bytes a bucket keeps inline: the longest address of
+/// the upstream's servers, as nginx resolved them at configuration time.
+/// An upstream whose addresses may change at run time (a `zone`, with
+/// `resolve`) or that lists no servers gets room for any socket address.
+/// Longer addresses, TLS ones, continue in the cache's overflow.
+///
+/// # Safety
+/// `us` is an upstream of the live configuration.
+unsafe fn address_room(us: *const ngx_http_upstream_srv_conf_t) -> usize {
+    // SAFETY: the servers array and each server's addresses are the
+    // configuration's, filled in while it was read.
+    unsafe {
+        if !(*us).shm_zone.is_null() || (*us).servers.is_null() {
+            return MAX_SOCKADDR_LEN;
+        }
+        let servers = &*(*us).servers;
+        if servers.elts.is_null() || servers.nelts == 0 {
+            return MAX_SOCKADDR_LEN;
+        }
+        let servers = core::slice::from_raw_parts(
+            servers.elts as *const ngx_http_upstream_server_t,
+            servers.nelts,
+        );
+        let mut room = 0;
+        for server in servers {
+            if server.addrs.is_null() || server.naddrs == 0 {
+                return MAX_SOCKADDR_LEN;
+            }
+            for addr in core::slice::from_raw_parts(server.addrs, server.naddrs) {
+                room = room.max(addr.socklen as usize);
+            }
+        }
+        match room {
+            0 => MAX_SOCKADDR_LEN,
+            room => room.min(MAX_SOCKADDR_LEN),
+        }
+    }
 }
 
 /// `init peer`: once per request; evaluates the slice key.

@@ -138,7 +138,21 @@ unsafe extern "C" fn init_zone(shm: *mut ngx_shm_zone_t, data: *mut c_void) -> n
         let registry = if data.is_null() {
             let bytes = Registry::bytes_for(zone.capacity);
             let memory = ngx_slab_alloc(pool, bytes) as *mut u8;
-            let Some(registry) = Registry::format(memory, bytes, zone.capacity) else {
+            // A new zone is a fresh mapping: the slab pool gives its pages
+            // as the kernel made them, zeroed, and the registry is laid
+            // out without touching them. An allocator that fills what it
+            // gives (nginx built with NGX_DEBUG_MALLOC fills with 0xA5)
+            // shows it at both ends: then it is zeroed first.
+            let fresh = !memory.is_null()
+                && bytes >= 8
+                && memory.cast::<u64>().read() == 0
+                && memory.add(bytes - 8).cast::<u64>().read_unaligned() == 0;
+            let registry = if fresh {
+                Registry::format_zeroed(memory, bytes, zone.capacity)
+            } else {
+                Registry::format(memory, bytes, zone.capacity)
+            };
+            let Some(registry) = registry else {
                 ngx_log_error!(
                     NGX_LOG_EMERG,
                     log,

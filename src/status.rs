@@ -198,8 +198,9 @@ unsafe extern "C" fn init_zone(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
             }
         };
 
-        for served in &mcf.served {
-            match table.find_or_add(&served.name).and_then(|i| table.entry(i)) {
+        let found = table.find_or_add_all(mcf.served.iter().map(|served| &served.name[..]));
+        for (served, index) in mcf.served.iter().zip(found) {
+            match index.and_then(|i| table.entry(i)) {
                 Some(entry) => (*served.idle).stats.attach(entry),
                 None => {
                     ngx_log_error!(

@@ -619,6 +619,15 @@ impl Table {
         if let Some(i) = self.find(name) {
             return Some(i);
         }
+        // SAFETY: as the caller promises; `name` is not in the table.
+        unsafe { self.add(name) }
+    }
+
+    /// Adds the entry `name`, which the table does not have.
+    ///
+    /// # Safety
+    /// As for [`Table::find_or_add`].
+    unsafe fn add(&self, name: &[u8]) -> Option<usize> {
         let (i, offset) = (self.len(), self.arena_used());
         if i >= self.geometry.capacity || offset + name.len() > self.geometry.arena {
             return None;
@@ -644,6 +653,34 @@ impl Table {
             .store((offset + name.len()) as u32, Relaxed);
         header.used.store(i as u32 + 1, Relaxed);
         Some(i)
+    }
+
+    /// [`Table::find_or_add`] for many names at once, in their order:
+    /// the names found by a sorted index rather than one scan per name (a
+    /// configuration of thousands of upstreams would take O(n²) compares
+    /// at every start and reload).
+    ///
+    /// # Safety
+    /// As for [`Table::find_or_add`].
+    pub unsafe fn find_or_add_all<'n>(
+        &self,
+        names: impl IntoIterator<Item = &'n [u8]>,
+    ) -> Vec<Option<usize>> {
+        let mut index: std::collections::BTreeMap<Vec<u8>, usize> = (0..self.len())
+            .map(|i| (self.name(i).to_vec(), i))
+            .collect();
+        names
+            .into_iter()
+            .map(|name| {
+                if let Some(&i) = index.get(name) {
+                    return Some(i);
+                }
+                // SAFETY: as the caller promises; `name` is not in the table.
+                let i = unsafe { self.add(name) }?;
+                index.insert(name.to_vec(), i);
+                Some(i)
+            })
+            .collect()
     }
 
     /// Entry `i` (< len).
@@ -696,6 +733,22 @@ mod tests {
     fn add(t: &Table, name: &[u8]) -> Option<usize> {
         // SAFETY: a test is one process, and nothing else adds to `t`.
         unsafe { t.find_or_add(name) }
+    }
+
+    #[test]
+    fn names_added_at_once_are_found_as_one_at_a_time() {
+        let g = Geometry::for_names(&[b"a", b"bb", b"c"], 2);
+        let mut mem = memory(g.table_bytes());
+        let t = table(&mut mem, g);
+        assert_eq!(add(&t, b"bb"), Some(0));
+        let names: [&[u8]; 5] = [b"a", b"bb", b"c", b"a", b"bb"];
+        // SAFETY: as in `add`.
+        let found = unsafe { t.find_or_add_all(names) };
+        assert_eq!(found, [Some(1), Some(0), Some(2), Some(1), Some(0)]);
+        assert_eq!(t.len(), 3);
+        for (name, i) in names.iter().zip(found) {
+            assert_eq!(t.find(name), i);
+        }
     }
 
     fn all_counters() -> Vec<Counter> {

@@ -63,6 +63,78 @@ pub const MAX_TLS_IDENTITY: usize = 256;
 /// connection a 4-byte header, the socket address and its TLS identity.
 pub const MAX_ADDR_LEN: usize = 4 + MAX_SOCKADDR_LEN + MAX_TLS_IDENTITY;
 
+/// Where the bytes of a bucket's address beyond the cache's inline room
+/// go (a TLS identity): `room` bytes per bucket inline, with the bucket
+/// records, the rest of up to [`MAX_ADDR_LEN`] in the *overflow*, a
+/// separate store of [`IdleCache::overflow_len`] bytes that the owner
+/// provides. The module maps it from the kernel at configuration time, so
+/// that it is resident only where a long address was written: an upstream
+/// never reached over TLS holds none of it.
+///
+/// `AsRef`/`AsMut` of bytes: a `Box<[u8]>` in the tests, a mapping in the
+/// module. A store shorter than asked for holds no long address: such
+/// connections are not kept ([`Refusal::Unusable`]).
+pub trait Overflow: AsRef<[u8]> + AsMut<[u8]> {}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Overflow for T {}
+
+/// The sizes of a cache, fixed at configuration time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shape {
+    /// Idle connections held at most.
+    pub capacity: usize,
+    /// Buckets: sliced, `slice_poolsize` (at most 2N + 1); unsliced N + 1.
+    pub buckets: usize,
+    /// Slice key bytes kept per bucket (0 unsliced).
+    pub keylen: usize,
+    pub sliced: bool,
+    /// Address bytes kept inline per bucket: the longest socket address
+    /// the upstream's servers have (16 for IPv4 alone), at most
+    /// [`MAX_ADDR_LEN`]; longer addresses continue in the overflow.
+    pub room: usize,
+}
+
+impl Shape {
+    /// A sliced cache of `capacity` connections in `poolsize` buckets of
+    /// `keylen` key bytes, with room for the longest address inline.
+    pub fn sliced(capacity: usize, poolsize: usize, keylen: usize) -> Shape {
+        Shape {
+            capacity,
+            buckets: poolsize,
+            keylen,
+            sliced: true,
+            room: MAX_ADDR_LEN,
+        }
+    }
+
+    /// An unsliced cache of `capacity` connections (N + 1 buckets), with
+    /// room for the longest address inline.
+    pub fn unsliced(capacity: usize) -> Shape {
+        Shape {
+            capacity,
+            buckets: capacity.saturating_add(1),
+            keylen: 0,
+            sliced: false,
+            room: MAX_ADDR_LEN,
+        }
+    }
+
+    /// The same with `room` address bytes inline (at most MAX_ADDR_LEN).
+    pub fn with_room(self, room: usize) -> Shape {
+        Shape {
+            room: room.min(MAX_ADDR_LEN),
+            ..self
+        }
+    }
+
+    /// Bytes of overflow a cache of this shape uses at most: what its
+    /// buckets' addresses may need beyond the inline room.
+    pub fn overflow_len(&self) -> Option<usize> {
+        self.buckets
+            .checked_mul(MAX_ADDR_LEN - self.room.min(MAX_ADDR_LEN))
+    }
+}
+
 use core::num::NonZeroU32;
 
 use hash::{same, Mix};
@@ -199,17 +271,25 @@ struct Ends {
 
 /// The idle-connection cache of one upstream in one worker.
 #[derive(Debug)]
-pub struct IdleCache<C> {
+pub struct IdleCache<C, O = Box<[u8]>> {
     slots: Box<[IdleSlot<C>]>,
-    buckets: Box<[Bucket]>,
-    addrs: Box<[u8]>,
-    slices: Box<[u8]>,
+    /// The buckets made so far, in room reserved for `poolsize`; a new key
+    /// makes one while there is room, and a bucket once made is never
+    /// freed (an emptied one stays in the table, or is taken over).
+    buckets: Vec<Bucket>,
+    /// `room` bytes of address per bucket made; the rest in `overflow`, at
+    /// `MAX_ADDR_LEN - room` bytes per bucket.
+    addrs: Vec<u8>,
+    room: usize,
+    overflow: O,
+    /// `keylen` bytes of slice key per bucket made.
+    slices: Vec<u8>,
     keylen: usize,
+    poolsize: usize,
     table: Box<[u32]>,
     lru_head: u32,
     lru_tail: u32,
     free_slot: u32,
-    free_bucket: u32,
     buckets_in_use: usize,
     /// Buckets stay their keys' when emptied, managed in `lists`.
     sliced: bool,
@@ -228,23 +308,42 @@ pub struct IdleCache<C> {
 impl<C: Copy> IdleCache<C> {
     /// A sliced cache: `capacity` idle connections spread over at most
     /// `poolsize` buckets, slice keys cut to `keylen` bytes; probation
-    /// keeps at least 1/5 of the buckets, protected the rest.
+    /// keeps at least 1/5 of the buckets, protected the rest. Every
+    /// address is kept inline.
     ///
     /// `None` if the sizes are beyond what the index links can address or
     /// the memory cannot be allocated: the configuration is refused, nginx
     /// does not abort.
     pub fn new(capacity: usize, poolsize: usize, keylen: usize) -> Option<Self> {
-        Self::with_buckets(capacity, poolsize, keylen, true)
+        Self::shaped(Shape::sliced(capacity, poolsize, keylen), Box::default())
     }
 
     /// An unsliced cache, as nginx's own: buckets by server address (and
     /// location tag) only, `capacity` + 1 of them, spare when emptied.
     pub fn unsliced(capacity: usize) -> Option<Self> {
-        Self::with_buckets(capacity, capacity.checked_add(1)?, 0, false)
+        capacity.checked_add(1)?;
+        Self::shaped(Shape::unsliced(capacity), Box::default())
     }
+}
 
-    fn with_buckets(capacity: usize, poolsize: usize, keylen: usize, sliced: bool) -> Option<Self> {
-        if capacity >= NIL as usize || poolsize >= NIL as usize || keylen > u16::MAX as usize {
+impl<C: Copy, O: Overflow> IdleCache<C, O> {
+    /// A cache of `shape`, its addresses beyond `shape.room` bytes kept in
+    /// `overflow` (which should hold [`Shape::overflow_len`] bytes; a
+    /// shorter one keeps no longer address). `None` as for
+    /// [`IdleCache::new`].
+    pub fn shaped(shape: Shape, overflow: O) -> Option<Self> {
+        let Shape {
+            capacity,
+            buckets: poolsize,
+            keylen,
+            sliced,
+            room,
+        } = shape;
+        if capacity >= NIL as usize
+            || poolsize >= NIL as usize
+            || keylen > u16::MAX as usize
+            || room > MAX_ADDR_LEN
+        {
             return None;
         }
         let link = |i: usize, n: usize| if i + 1 < n { (i + 1) as u32 } else { NIL };
@@ -258,21 +357,12 @@ impl<C: Copy> IdleCache<C> {
             bucket_next: link(i, capacity),
         })?;
 
-        let buckets = boxed_slice(poolsize, |i| Bucket {
-            hash: 0,
-            tag: 0,
-            chain_next: link(i, poolsize),
-            head: NIL,
-            tail: NIL,
-            count: 0,
-            prev: NIL,
-            next: NIL,
-            generation: 0,
-            slice_len: 0,
-            addr_len: NO_ADDR,
-            list: NO_LIST,
-            hits: 0,
-        })?;
+        // Buckets are made as keys need them (see `make_bucket`), in
+        // memory reserved here: pages of it never written are never
+        // resident, so a cache uses the memory of the keys it has seen.
+        let buckets = reserved(poolsize)?;
+        let addrs = reserved(poolsize.checked_mul(room)?)?;
+        let slices = reserved(poolsize.checked_mul(keylen)?)?;
 
         // Load factor at most 1/2, power of two so a mask picks the chain.
         let table_len = poolsize.checked_mul(2)?.checked_next_power_of_two()?.max(1);
@@ -285,14 +375,16 @@ impl<C: Copy> IdleCache<C> {
         Some(IdleCache {
             slots,
             buckets,
-            addrs: boxed_slice(poolsize.checked_mul(MAX_ADDR_LEN)?, |_| 0)?,
-            slices: boxed_slice(poolsize.checked_mul(keylen)?, |_| 0)?,
+            addrs,
+            room,
+            overflow,
+            slices,
             keylen,
+            poolsize,
             table: boxed_slice(table_len, |_| NIL)?,
             lru_head: NIL,
             lru_tail: NIL,
             free_slot: if capacity > 0 { 0 } else { NIL },
-            free_bucket: if poolsize > 0 { 0 } else { NIL },
             buckets_in_use: 0,
             sliced,
             recent: NIL,
@@ -303,13 +395,12 @@ impl<C: Copy> IdleCache<C> {
     }
 
     /// Bytes allocated for this cache: everything it will ever use, sized
-    /// with the configuration (docs/directives.md, "Limits and memory").
+    /// with the configuration (docs/directives.md, "Limits and memory"),
+    /// but for the overflow, which its owner provides.
     pub fn memory_bytes(&self) -> usize {
         use core::mem::size_of;
         self.slots.len() * size_of::<IdleSlot<C>>()
-            + self.buckets.len() * size_of::<Bucket>()
-            + self.addrs.len()
-            + self.slices.len()
+            + self.poolsize * (size_of::<Bucket>() + self.room + self.keylen)
             + self.table.len() * size_of::<u32>()
             + self.ghosts.len() * size_of::<u32>()
     }
@@ -405,7 +496,7 @@ impl<C: Copy> IdleCache<C> {
         // A free bucket's address length is NO_ADDR: no key has it.
         if bucket.tag != tag
             || bucket.addr_len as usize != addr.len()
-            || !same(self.addr_of(b as usize), addr)
+            || !self.same_addr(b as usize, addr)
         {
             return None;
         }
@@ -528,7 +619,7 @@ impl<C: Copy> IdleCache<C> {
         let (found, hash) = match owned {
             Some(found) => found,
             None => {
-                if self.slots.is_empty() || key.addr.len() > MAX_ADDR_LEN {
+                if self.slots.is_empty() || !self.fits(key.addr) {
                     return Err(Refusal::Unusable);
                 }
                 self.look_up(key)
@@ -769,10 +860,53 @@ impl<C: Copy> IdleCache<C> {
         (hash as usize) & (self.table.len() - 1)
     }
 
+    /// Whether bucket `b`'s address is `addr`: inline, and beyond the
+    /// inline room in the overflow (a TLS address).
     #[inline(always)]
-    fn addr_of(&self, b: usize) -> &[u8] {
-        let start = b * MAX_ADDR_LEN;
-        &self.addrs[start..start + self.buckets[b].addr_len as usize]
+    fn same_addr(&self, b: usize, addr: &[u8]) -> bool {
+        let len = self.buckets[b].addr_len as usize;
+        let start = b * self.room;
+        if len <= self.room {
+            return same(&self.addrs[start..start + len], addr);
+        }
+        self.same_long_addr(b, addr)
+    }
+
+    /// [`IdleCache::same_addr`] for an address longer than the inline
+    /// room, out of line.
+    #[inline(never)]
+    fn same_long_addr(&self, b: usize, addr: &[u8]) -> bool {
+        let len = self.buckets[b].addr_len as usize;
+        let (inline, rest) = match addr.split_at_checked(self.room) {
+            Some(parts) if addr.len() == len => parts,
+            _ => return false,
+        };
+        let start = b * self.room;
+        let stride = MAX_ADDR_LEN - self.room;
+        let overflow = self.overflow.as_ref();
+        same(&self.addrs[start..start + self.room], inline)
+            && overflow
+                .get(b * stride..b * stride + rest.len())
+                .is_some_and(|kept| same(kept, rest))
+    }
+
+    /// Whether an address of this length can be kept: inline, or in an
+    /// overflow that is there.
+    fn fits(&self, addr: &[u8]) -> bool {
+        addr.len() <= self.room
+            || (addr.len() <= MAX_ADDR_LEN
+                && self.overflow.as_ref().len() >= self.poolsize * (MAX_ADDR_LEN - self.room))
+    }
+
+    /// Writes `addr` as bucket `b`'s (it [`IdleCache::fits`]).
+    fn put_addr(&mut self, b: usize, addr: &[u8]) {
+        let (inline, rest) = addr.split_at(addr.len().min(self.room));
+        let start = b * self.room;
+        self.addrs[start..start + inline.len()].copy_from_slice(inline);
+        if !rest.is_empty() {
+            let stride = MAX_ADDR_LEN - self.room;
+            self.overflow.as_mut()[b * stride..b * stride + rest.len()].copy_from_slice(rest);
+        }
     }
 
     /// Whether bucket `b`'s slice key is `slice` (already cut); an
@@ -803,7 +937,7 @@ impl<C: Copy> IdleCache<C> {
         let bucket = &self.buckets[b as usize];
         bucket.tag == key.tag
             && bucket.addr_len as usize == key.addr.len()
-            && same(self.addr_of(b as usize), key.addr)
+            && self.same_addr(b as usize, key.addr)
             && self.same_slice(b as usize, self.cut(key.slice))
     }
 
@@ -844,7 +978,7 @@ impl<C: Copy> IdleCache<C> {
     #[inline(never)]
     fn has_key(&self, b: u32, key: &BucketKey) -> bool {
         self.buckets[b as usize].tag == key.tag
-            && same(self.addr_of(b as usize), key.addr)
+            && self.same_addr(b as usize, key.addr)
             && self.same_slice(b as usize, self.cut(key.slice))
     }
 
@@ -855,7 +989,7 @@ impl<C: Copy> IdleCache<C> {
         let bucket = &self.buckets[b as usize];
         bucket.hash == hash
             && bucket.tag == key.tag
-            && same(self.addr_of(b as usize), key.addr)
+            && self.same_addr(b as usize, key.addr)
             && self.same_slice(b as usize, self.cut(key.slice))
     }
 
@@ -926,6 +1060,14 @@ impl<C: Copy> IdleCache<C> {
         bucket.next = NIL;
         bucket.list = NO_LIST;
     }
+}
+
+/// Room for `n` elements, none there yet; `None` if the memory is not
+/// there.
+fn reserved<T>(n: usize) -> Option<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).ok()?;
+    Some(v)
 }
 
 /// `n` elements made by `make`, or `None` if the memory is not there.

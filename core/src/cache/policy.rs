@@ -3,11 +3,11 @@
 //! protected, ghosts; the spare list of an unsliced cache).
 
 use super::{
-    BucketKey, IdleCache, EMPTY, HITS_TO_PROTECT, MAX_ADDR_LEN, NIL, PROBATION, PROTECTED, SPARE,
-    VICTIM_STEPS,
+    Bucket, BucketKey, IdleCache, Overflow, EMPTY, HITS_TO_PROTECT, NIL, NO_ADDR, NO_LIST,
+    PROBATION, PROTECTED, SPARE, VICTIM_STEPS,
 };
 
-impl<C: Copy> IdleCache<C> {
+impl<C: Copy, O: Overflow> IdleCache<C, O> {
     /// A bucket for `key`, which has none: a free one, or the bucket of a
     /// less valuable key, whose idle connections go to `evicted`
     /// (`reclaimed` then says how many). The new bucket is in no list yet.
@@ -20,7 +20,7 @@ impl<C: Copy> IdleCache<C> {
         evicted: &mut impl FnMut(C),
         reclaimed: &mut Option<usize>,
     ) -> u32 {
-        let b = match self.free_bucket {
+        let b = match self.make_bucket() {
             NIL if !self.sliced => match self.spare_bucket() {
                 // Cannot happen: N + 1 buckets, at most N with connections.
                 NIL => return NIL,
@@ -34,15 +34,12 @@ impl<C: Copy> IdleCache<C> {
                 NIL => return NIL,
                 victim => victim,
             },
-            b => {
-                self.free_bucket = self.buckets[b as usize].chain_next;
-                b
-            }
+            b => b,
         };
         let i = b as usize;
 
         let slice = self.cut(key.slice);
-        self.addrs[i * MAX_ADDR_LEN..i * MAX_ADDR_LEN + key.addr.len()].copy_from_slice(key.addr);
+        self.put_addr(i, key.addr);
         self.slices[i * self.keylen..i * self.keylen + slice.len()].copy_from_slice(slice);
 
         // A free bucket holds no connection and is in no list (`unchain`,
@@ -60,6 +57,38 @@ impl<C: Copy> IdleCache<C> {
             self.buckets_in_use += 1;
         }
         b
+    }
+
+    /// A new bucket, free, in no list and no chain, while the pool has room
+    /// for one; NIL once `poolsize` are made. Made on demand, so that the
+    /// memory of buckets no key needed is never written: an unsliced cache
+    /// of N connections to one server makes one bucket per protocol and
+    /// TLS identity, not N + 1.
+    #[inline(never)]
+    pub(super) fn make_bucket(&mut self) -> u32 {
+        let b = self.buckets.len();
+        if b >= self.poolsize {
+            return NIL;
+        }
+        // Within the room reserved: these never reallocate.
+        self.buckets.push(Bucket {
+            hash: 0,
+            tag: 0,
+            chain_next: NIL,
+            head: NIL,
+            tail: NIL,
+            count: 0,
+            prev: NIL,
+            next: NIL,
+            generation: 0,
+            slice_len: 0,
+            addr_len: NO_ADDR,
+            list: NO_LIST,
+            hits: 0,
+        });
+        self.addrs.resize(self.addrs.len() + self.room, 0);
+        self.slices.resize(self.slices.len() + self.keylen, 0);
+        b as u32
     }
 
     /// The oldest spare bucket (unsliced): buckets of the spare list that

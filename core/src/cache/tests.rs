@@ -606,6 +606,92 @@ fn addresses_beyond_the_longest_are_not_kept() {
     assert_eq!(cache.take(&key(&long[..MAX_ADDR_LEN], b"")), Some(2));
 }
 
+/// A cache with room for socket addresses alone (16 bytes: IPv4) keeps
+/// the rest of a longer address, a TLS identity, in its overflow: keys that
+/// agree in the inline bytes and differ after them are different buckets.
+#[test]
+fn long_addresses_continue_in_the_overflow() {
+    let shape = Shape::unsliced(4).with_room(16);
+    let overflow = vec![0u8; shape.overflow_len().unwrap()].into_boxed_slice();
+    let mut cache: IdleCache<u32> = IdleCache::shaped(shape, overflow).unwrap();
+    let tls = |name: u8, len: usize| -> Vec<u8> {
+        let mut a = vec![0xffu8; len];
+        a[..8].copy_from_slice(A);
+        a[len - 1] = name;
+        a
+    };
+    for len in [17usize, 24, 40, 200, MAX_ADDR_LEN] {
+        let (x, y) = (tls(b'x', len), tls(b'y', len));
+        put(&mut cache, &key(&x, b""), 1, usize::MAX).unwrap();
+        put(&mut cache, &key(A, b""), 2, usize::MAX).unwrap();
+        assert_eq!(cache.take(&key(&y, b"")), None, "len {len}");
+        assert_eq!(cache.take(&key(&x[..len - 1], b"")), None, "len {len}");
+        assert_eq!(cache.take(&key(&x, b"")), Some(1), "len {len}");
+        assert_eq!(cache.take(&key(A, b"")), Some(2), "len {len}");
+    }
+    // Every byte beyond the room counts.
+    let x = tls(b'x', 64);
+    put(&mut cache, &key(&x, b""), 3, usize::MAX).unwrap();
+    for i in 16..64 {
+        let mut other = x.clone();
+        other[i] ^= 0x40;
+        assert_eq!(cache.take(&key(&other, b"")), None, "byte {i}");
+    }
+    assert_eq!(cache.take(&key(&x, b"")), Some(3));
+    // The inline room is what the buckets cost.
+    let full = IdleCache::<u32>::unsliced(4).unwrap().memory_bytes();
+    assert_eq!(full - cache.memory_bytes(), 5 * (MAX_ADDR_LEN - 16));
+}
+
+/// Buckets are made as new keys need them: an unsliced cache of many
+/// connections to one server makes one bucket, and its memory beyond that
+/// is reserved, never written.
+#[test]
+fn buckets_are_made_as_keys_need_them() {
+    let mut cache = unsliced(1000);
+    for conn in 0..5000 {
+        put(&mut cache, &key(A, b""), conn, usize::MAX).unwrap();
+        if conn % 3 == 0 {
+            assert_eq!(cache.take(&key(A, b"")), Some(conn));
+        }
+    }
+    assert_eq!(cache.buckets.len(), 1);
+    assert_eq!(cache.addrs.len(), MAX_ADDR_LEN);
+    put(&mut cache, &key(B, b""), 1, usize::MAX).unwrap();
+    assert_eq!(cache.buckets.len(), 2);
+    // Reserved for N + 1 all the same: never reallocated.
+    assert!(cache.buckets.capacity() >= 1001);
+    let base = cache.buckets.as_ptr();
+    for n in 0..1000u32 {
+        let addr = [2, 0, (n >> 8) as u8, n as u8, 10, 0, 0, 1];
+        put(&mut cache, &key(&addr, b""), n, usize::MAX).unwrap();
+    }
+    assert_eq!(cache.buckets.len(), 1001);
+    assert_eq!(cache.buckets.as_ptr(), base);
+    // The pool is full: a new key takes a spare bucket.
+    for n in 0..1000u32 {
+        let addr = [2, 0, (n >> 8) as u8, n as u8, 10, 0, 0, 1];
+        assert_eq!(cache.take(&key(&addr, b"")), Some(n));
+    }
+    put(&mut cache, &key(&[1, 2, 3], b""), 7, usize::MAX).unwrap();
+    assert_eq!(cache.buckets.len(), 1001);
+    assert_eq!(cache.take(&key(&[1, 2, 3], b"")), Some(7));
+}
+
+/// Without an overflow, only addresses that fit inline are kept.
+#[test]
+fn without_an_overflow_long_addresses_are_not_kept() {
+    let shape = Shape::sliced(2, 3, 8).with_room(28);
+    let mut cache: IdleCache<u32> = IdleCache::shaped(shape, Box::default()).unwrap();
+    let long = [9u8; 29];
+    assert_eq!(
+        put(&mut cache, &key(&long, b"h"), 1, 2),
+        Err(Refusal::Unusable)
+    );
+    put(&mut cache, &key(&long[..28], b"h"), 2, 2).unwrap();
+    assert_eq!(cache.take(&key(&long[..28], b"h")), Some(2));
+}
+
 #[test]
 fn zero_capacity_keeps_nothing() {
     let mut cache: IdleCache<u32> = unsliced(0);
@@ -840,6 +926,9 @@ impl Model {
 /// owned and on the order of every list.
 #[test]
 fn agrees_with_a_naive_model() {
+    // Addresses longer than the inline room, in the overflow.
+    model_check_shaped(6, 5, 2, 8, true, Some(16));
+    model_check_shaped(5, 6, usize::MAX, 9, false, Some(16));
     for (capacity, poolsize, limit, nkeys, sliced) in [
         (6usize, 3usize, 3usize, 4usize, true),
         (6, 5, 2, 8, true),
@@ -853,6 +942,19 @@ fn agrees_with_a_naive_model() {
 }
 
 fn model_check(capacity: usize, poolsize: usize, limit: usize, nkeys: usize, sliced: bool) {
+    model_check_shaped(capacity, poolsize, limit, nkeys, sliced, None)
+}
+
+/// With `room`, the cache keeps that many address bytes inline and the
+/// addresses are longer, told apart only beyond the room.
+fn model_check_shaped(
+    capacity: usize,
+    poolsize: usize,
+    limit: usize,
+    nkeys: usize,
+    sliced: bool,
+    room: Option<usize>,
+) {
     let mut rng: u64 = 0x2545_f491_4f6c_dd1d;
     let mut next = move || {
         rng ^= rng << 13;
@@ -862,25 +964,36 @@ fn model_check(capacity: usize, poolsize: usize, limit: usize, nkeys: usize, sli
     };
     let names: Vec<Vec<u8>> = (0..nkeys).map(|k| vec![b'a' + k as u8]).collect();
     // Unsliced caches tell buckets apart by address.
-    let addrs: Vec<[u8; 8]> = (0..nkeys)
-        .map(|k| [2, 0, 0, k as u8, 127, 0, 0, 1])
+    let addrs: Vec<Vec<u8>> = (0..nkeys)
+        .map(|k| match room {
+            None => vec![2, 0, 0, k as u8, 127, 0, 0, 1],
+            Some(room) => {
+                let mut long = vec![7u8; room + 1 + k % 3];
+                long[room] = k as u8;
+                long
+            }
+        })
         .collect();
+    let long_a = room.map(|room| vec![5u8; room + 9]);
     let bk = |k: usize| {
         if sliced {
-            key(A, &names[k])
+            key(long_a.as_deref().unwrap_or(A), &names[k])
         } else {
             key(&addrs[k], b"")
         }
     };
-    let mut cache = if sliced {
-        IdleCache::new(capacity, poolsize, 8).unwrap()
+    let shape = if sliced {
+        Shape::sliced(capacity, poolsize, 8)
     } else {
-        IdleCache::unsliced(capacity).unwrap()
+        Shape::unsliced(capacity)
     };
+    let shape = shape.with_room(room.unwrap_or(MAX_ADDR_LEN));
+    let overflow = vec![0u8; shape.overflow_len().unwrap()].into_boxed_slice();
+    let mut cache: IdleCache<u32> = IdleCache::shaped(shape, overflow).unwrap();
     let mut model = Model {
         sliced,
         capacity,
-        poolsize: cache.buckets.len(),
+        poolsize: cache.poolsize,
         probation_min: (poolsize / 5).max(1),
         conns: Vec::new(),
         lists: [Vec::new(), Vec::new(), Vec::new()],
