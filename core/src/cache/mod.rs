@@ -63,11 +63,11 @@ pub const MAX_TLS_IDENTITY: usize = 256;
 /// connection a 4-byte header, the socket address and its TLS identity.
 pub const MAX_ADDR_LEN: usize = 4 + MAX_SOCKADDR_LEN + MAX_TLS_IDENTITY;
 
-/// Where the bytes of a bucket's address beyond the cache's inline room
-/// go (a TLS identity): `room` bytes per bucket inline, with the bucket
-/// records, the rest of up to [`MAX_ADDR_LEN`] in the *overflow*, a
-/// separate store of [`IdleCache::overflow_len`] bytes that the owner
-/// provides. The module maps it from the kernel at configuration time, so
+/// Where a bucket's address goes when it is longer than the cache's
+/// inline room (a TLS address: socket address and TLS identity): `room`
+/// bytes per bucket inline, with the bucket records, and a longer address
+/// whole in the *overflow*, a separate store of [`Shape::overflow_len`]
+/// bytes that the owner provides. The module maps it from the kernel at configuration time, so
 /// that it is resident only where a long address was written: an upstream
 /// never reached over TLS holds none of it.
 ///
@@ -127,11 +127,15 @@ impl Shape {
         }
     }
 
-    /// Bytes of overflow a cache of this shape uses at most: what its
-    /// buckets' addresses may need beyond the inline room.
+    /// Bytes of overflow a cache of this shape uses at most: room for the
+    /// longest address per bucket (an address longer than the inline room
+    /// is kept there whole, compared in one piece); none when every
+    /// address fits inline.
     pub fn overflow_len(&self) -> Option<usize> {
-        self.buckets
-            .checked_mul(MAX_ADDR_LEN - self.room.min(MAX_ADDR_LEN))
+        if self.room >= MAX_ADDR_LEN {
+            return Some(0);
+        }
+        self.buckets.checked_mul(MAX_ADDR_LEN)
     }
 }
 
@@ -146,6 +150,12 @@ const NIL: u32 = u32::MAX;
 
 /// The address length of a bucket that no key owns: longer than any.
 const NO_ADDR: u16 = u16::MAX;
+
+/// Set in a bucket's address length when the address is longer than the
+/// inline room and kept in the overflow: such a length equals no key's,
+/// so a comparison of lengths alone tells a plain key (every request to a
+/// lone server) that the bucket's address is not inline.
+const LONG: u16 = 0x8000;
 
 /// The lists of buckets (`Bucket::list`), each a FIFO from head (newest)
 /// to tail (next to go).
@@ -223,15 +233,16 @@ struct IdleSlot<C> {
 /// since, which its generation tells without comparing the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BucketRef {
-    /// The bucket's index + 1 (an `Option<BucketRef>` takes eight bytes).
-    index_1: NonZeroU32,
-    /// The bucket's generation when it was found.
-    generation: u32,
+    /// The bucket's index.
+    index: u32,
+    /// The bucket's generation when it was found (never 0: an
+    /// `Option<BucketRef>` takes eight bytes).
+    generation: NonZeroU32,
 }
 
 impl BucketRef {
     fn bucket(self) -> u32 {
-        self.index_1.get() - 1
+        self.index
     }
 }
 
@@ -252,8 +263,9 @@ struct Bucket {
     /// the same generation still holds its key. (A stale reference could
     /// match again only after 2^32 changes of this one bucket's key within
     /// one try of one request.)
-    generation: u32,
+    generation: NonZeroU32,
     slice_len: u16,
+    /// The address's length; with `LONG` set, in the overflow.
     addr_len: u16,
     list: u8,
     /// Requests that found this bucket (at most MAX_HITS): in probation
@@ -277,10 +289,12 @@ pub struct IdleCache<C, O = Box<[u8]>> {
     /// makes one while there is room, and a bucket once made is never
     /// freed (an emptied one stays in the table, or is taken over).
     buckets: Vec<Bucket>,
-    /// `room` bytes of address per bucket made; the rest in `overflow`, at
-    /// `MAX_ADDR_LEN - room` bytes per bucket.
+    /// `room` bytes of address per bucket made; longer addresses whole in
+    /// `overflow`, at `MAX_ADDR_LEN` bytes per bucket.
     addrs: Vec<u8>,
-    room: usize,
+    /// (`u16`, as `b` is `u32`: the offset of a bucket's address cannot
+    /// overflow, and the plain path checks nothing for it.)
+    room: u16,
     overflow: O,
     /// `keylen` bytes of slice key per bucket made.
     slices: Vec<u8>,
@@ -294,7 +308,8 @@ pub struct IdleCache<C, O = Box<[u8]>> {
     /// Buckets stay their keys' when emptied, managed in `lists`.
     sliced: bool,
     /// Unsliced: the bucket found last, tried before the key is hashed (an
-    /// upstream of one server has one bucket per protocol and identity).
+    /// upstream of one server has one bucket per protocol and identity);
+    /// NIL before any.
     recent: u32,
     /// PROTECTED, PROBATION and EMPTY (sliced only), SPARE (unsliced only).
     lists: [Ends; 4],
@@ -376,7 +391,7 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
             slots,
             buckets,
             addrs,
-            room,
+            room: room as u16,
             overflow,
             slices,
             keylen,
@@ -400,7 +415,7 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
     pub fn memory_bytes(&self) -> usize {
         use core::mem::size_of;
         self.slots.len() * size_of::<IdleSlot<C>>()
-            + self.poolsize * (size_of::<Bucket>() + self.room + self.keylen)
+            + self.poolsize * (size_of::<Bucket>() + self.room as usize + self.keylen)
             + self.table.len() * size_of::<u32>()
             + self.ghosts.len() * size_of::<u32>()
     }
@@ -464,9 +479,14 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
         }
         // The bucket found last, if it still holds the key (a bucket that
         // changed keys, or is free, does not).
-        let recent = self.recent;
-        if recent != NIL && self.holds(recent, key) {
-            return self.bucket_ref(recent);
+        let b = self.recent;
+        if let Some(bucket) = self.buckets.get(b as usize) {
+            if self.holds_in(bucket, b, key) {
+                return Some(BucketRef {
+                    index: b,
+                    generation: bucket.generation,
+                });
+            }
         }
         self.find_hashed(key)
     }
@@ -485,7 +505,8 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
     /// Unsliced, for a key without a slice key: [`IdleCache::find`] when
     /// the bucket found last is the key's (every request to a lone
     /// server), without building the key. `None` otherwise: the caller
-    /// then finds the bucket by the whole key ([`IdleCache::find_hashed`]).
+    /// then finds the bucket by the whole key ([`IdleCache::find_hashed`]),
+    /// as it does for an address kept in the overflow.
     #[inline(always)]
     pub fn recent(&self, addr: &[u8], tag: usize) -> Option<BucketRef> {
         if self.sliced {
@@ -493,15 +514,17 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
         }
         let b = self.recent;
         let bucket = self.buckets.get(b as usize)?;
-        // A free bucket's address length is NO_ADDR: no key has it.
+        // A free bucket's address length is NO_ADDR, and a long address's
+        // has LONG: no socket address has either, and an equal length is
+        // an inline address.
         if bucket.tag != tag
             || bucket.addr_len as usize != addr.len()
-            || !self.same_addr(b as usize, addr)
+            || !self.same_inline(b, bucket.addr_len, addr)
         {
             return None;
         }
         Some(BucketRef {
-            index_1: NonZeroU32::new(b.wrapping_add(1))?,
+            index: b,
             generation: bucket.generation,
         })
     }
@@ -519,8 +542,8 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
     #[inline(always)]
     fn bucket_ref(&self, b: u32) -> Option<BucketRef> {
         let generation = self.buckets.get(b as usize)?.generation;
-        NonZeroU32::new(b.wrapping_add(1)).map(|index_1| BucketRef {
-            index_1,
+        Some(BucketRef {
+            index: b,
             generation,
         })
     }
@@ -860,52 +883,61 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
         (hash as usize) & (self.table.len() - 1)
     }
 
-    /// Whether bucket `b`'s address is `addr`: inline, and beyond the
-    /// inline room in the overflow (a TLS address).
+    /// Whether bucket `b`, whose address length is `len` (as the bucket
+    /// keeps it), has address `addr`: inline, or with `LONG` whole in the
+    /// overflow.
     #[inline(always)]
-    fn same_addr(&self, b: usize, addr: &[u8]) -> bool {
-        let len = self.buckets[b].addr_len as usize;
-        let start = b * self.room;
-        if len <= self.room {
-            return same(&self.addrs[start..start + len], addr);
+    fn same_addr(&self, b: u32, len: u16, addr: &[u8]) -> bool {
+        if len & LONG == 0 {
+            return self.same_inline(b, len, addr);
         }
-        self.same_long_addr(b, addr)
+        // (A free bucket's NO_ADDR has LONG too, and a length beyond any
+        // address kept.)
+        let (start, len) = (b as usize * MAX_ADDR_LEN, (len & !LONG) as usize);
+        len <= MAX_ADDR_LEN
+            && self
+                .overflow
+                .as_ref()
+                .get(start..start + len)
+                .is_some_and(|kept| same(kept, addr))
     }
 
-    /// [`IdleCache::same_addr`] for an address longer than the inline
-    /// room, out of line.
-    #[inline(never)]
-    fn same_long_addr(&self, b: usize, addr: &[u8]) -> bool {
-        let len = self.buckets[b].addr_len as usize;
-        let (inline, rest) = match addr.split_at_checked(self.room) {
-            Some(parts) if addr.len() == len => parts,
-            _ => return false,
-        };
-        let start = b * self.room;
-        let stride = MAX_ADDR_LEN - self.room;
-        let overflow = self.overflow.as_ref();
-        same(&self.addrs[start..start + self.room], inline)
-            && overflow
-                .get(b * stride..b * stride + rest.len())
-                .is_some_and(|kept| same(kept, rest))
+    /// [`IdleCache::same_addr`] for a bucket whose address is inline
+    /// (`len` without `LONG`).
+    #[inline(always)]
+    fn same_inline(&self, b: u32, len: u16, addr: &[u8]) -> bool {
+        let start = b as usize * self.room as usize;
+        same(&self.addrs[start..start + len as usize], addr)
+    }
+
+    /// The address length a bucket keeps for `addr`: with `LONG` when it
+    /// is longer than the inline room; `NO_ADDR` (no bucket's) beyond the
+    /// longest address kept.
+    #[inline(always)]
+    fn kept_len(&self, addr: &[u8]) -> u16 {
+        match addr.len() {
+            n if n <= self.room as usize => n as u16,
+            n if n <= MAX_ADDR_LEN => LONG | n as u16,
+            _ => NO_ADDR,
+        }
     }
 
     /// Whether an address of this length can be kept: inline, or in an
     /// overflow that is there.
     fn fits(&self, addr: &[u8]) -> bool {
-        addr.len() <= self.room
+        addr.len() <= self.room as usize
             || (addr.len() <= MAX_ADDR_LEN
-                && self.overflow.as_ref().len() >= self.poolsize * (MAX_ADDR_LEN - self.room))
+                && self.overflow.as_ref().len() >= self.poolsize * MAX_ADDR_LEN)
     }
 
     /// Writes `addr` as bucket `b`'s (it [`IdleCache::fits`]).
     fn put_addr(&mut self, b: usize, addr: &[u8]) {
-        let (inline, rest) = addr.split_at(addr.len().min(self.room));
-        let start = b * self.room;
-        self.addrs[start..start + inline.len()].copy_from_slice(inline);
-        if !rest.is_empty() {
-            let stride = MAX_ADDR_LEN - self.room;
-            self.overflow.as_mut()[b * stride..b * stride + rest.len()].copy_from_slice(rest);
+        if addr.len() <= self.room as usize {
+            let start = b * self.room as usize;
+            self.addrs[start..start + addr.len()].copy_from_slice(addr);
+        } else {
+            let start = b * MAX_ADDR_LEN;
+            self.overflow.as_mut()[start..start + addr.len()].copy_from_slice(addr);
         }
     }
 
@@ -934,10 +966,16 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
     /// compared: `key` is assumed to have it when it matches.
     #[inline(always)]
     fn holds(&self, b: u32, key: &BucketKey) -> bool {
-        let bucket = &self.buckets[b as usize];
+        self.holds_in(&self.buckets[b as usize], b, key)
+    }
+
+    /// [`IdleCache::holds`] with bucket `b` at hand.
+    #[inline(always)]
+    fn holds_in(&self, bucket: &Bucket, b: u32, key: &BucketKey) -> bool {
         bucket.tag == key.tag
-            && bucket.addr_len as usize == key.addr.len()
-            && self.same_addr(b as usize, key.addr)
+            // Equal lengths are kept alike, inline or long.
+            && (bucket.addr_len & !LONG) as usize == key.addr.len()
+            && self.same_addr(b, bucket.addr_len, key.addr)
             && self.same_slice(b as usize, self.cut(key.slice))
     }
 
@@ -977,8 +1015,9 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
     /// see `find_further`.
     #[inline(never)]
     fn has_key(&self, b: u32, key: &BucketKey) -> bool {
-        self.buckets[b as usize].tag == key.tag
-            && self.same_addr(b as usize, key.addr)
+        let bucket = &self.buckets[b as usize];
+        bucket.tag == key.tag
+            && self.same_addr(b, bucket.addr_len, key.addr)
             && self.same_slice(b as usize, self.cut(key.slice))
     }
 
@@ -989,7 +1028,7 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
         let bucket = &self.buckets[b as usize];
         bucket.hash == hash
             && bucket.tag == key.tag
-            && self.same_addr(b as usize, key.addr)
+            && self.same_addr(b, bucket.addr_len, key.addr)
             && self.same_slice(b as usize, self.cut(key.slice))
     }
 
@@ -999,7 +1038,7 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
     fn unchain(&mut self, b: u32) {
         self.buckets[b as usize].addr_len = NO_ADDR;
         let generation = &mut self.buckets[b as usize].generation;
-        *generation = generation.wrapping_add(1);
+        *generation = generation.checked_add(1).unwrap_or(NonZeroU32::MIN);
         let chain = self.chain(self.buckets[b as usize].hash);
         let next = self.buckets[b as usize].chain_next;
         if self.table[chain] == b {

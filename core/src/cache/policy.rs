@@ -2,6 +2,8 @@
 //! S3-FIFO-like policy described in the cache's documentation (probation,
 //! protected, ghosts; the spare list of an unsliced cache).
 
+use core::num::NonZeroU32;
+
 use super::{
     Bucket, BucketKey, IdleCache, Overflow, EMPTY, HITS_TO_PROTECT, NIL, NO_ADDR, NO_LIST,
     PROBATION, PROTECTED, SPARE, VICTIM_STEPS,
@@ -44,13 +46,14 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
 
         // A free bucket holds no connection and is in no list (`unchain`,
         // `unlink`): only the key and the request count are new.
+        let addr_len = self.kept_len(key.addr);
         let chain = self.chain(hash);
         let bucket = &mut self.buckets[i];
         bucket.hash = hash;
         bucket.tag = key.tag;
         bucket.chain_next = self.table[chain];
         bucket.slice_len = slice.len() as u16;
-        bucket.addr_len = key.addr.len() as u16;
+        bucket.addr_len = addr_len;
         bucket.hits = 0;
         self.table[chain] = b;
         if self.sliced {
@@ -80,13 +83,13 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
             count: 0,
             prev: NIL,
             next: NIL,
-            generation: 0,
+            generation: NonZeroU32::MIN,
             slice_len: 0,
             addr_len: NO_ADDR,
             list: NO_LIST,
             hits: 0,
         });
-        self.addrs.resize(self.addrs.len() + self.room, 0);
+        self.addrs.resize(self.addrs.len() + self.room as usize, 0);
         self.slices.resize(self.slices.len() + self.keylen, 0);
         b as u32
     }

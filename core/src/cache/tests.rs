@@ -632,6 +632,12 @@ fn long_addresses_continue_in_the_overflow() {
     // Every byte beyond the room counts.
     let x = tls(b'x', 64);
     put(&mut cache, &key(&x, b""), 3, usize::MAX).unwrap();
+    // Found by its hash, never as the recent bucket's (inline) address.
+    assert!(cache.find(&key(&x, b"")).is_some());
+    assert!(cache.recent(&x, 0).is_none());
+    let mut plain = x.clone();
+    plain[..8].copy_from_slice(A);
+    assert!(cache.recent(&plain, 0).is_none());
     for i in 16..64 {
         let mut other = x.clone();
         other[i] ^= 0x40;
@@ -641,6 +647,7 @@ fn long_addresses_continue_in_the_overflow() {
     // The inline room is what the buckets cost.
     let full = IdleCache::<u32>::unsliced(4).unwrap().memory_bytes();
     assert_eq!(full - cache.memory_bytes(), 5 * (MAX_ADDR_LEN - 16));
+    assert_eq!(shape.overflow_len(), Some(5 * MAX_ADDR_LEN));
 }
 
 /// Buckets are made as new keys need them: an unsliced cache of many
