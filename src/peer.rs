@@ -38,7 +38,7 @@ use crate::module::{allocate, served_conf, Module};
 use crate::session;
 use crate::share;
 use crate::tls::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
-use crate::variables;
+use crate::variables::{self, TryLog, TRY_LOG_SIZE};
 
 /// Per-request peer data, from the request pool.
 struct PeerData {
@@ -77,6 +77,13 @@ struct PeerData {
     original_set_session: ngx_event_set_peer_session_pt,
     #[cfg(ngx_feature = "http_ssl")]
     original_save_session: ngx_event_save_peer_session_pt,
+}
+
+/// The try log allocated after `kp` by init peer when its upstream's
+/// `log_tries` is set (fixed for the cycle, as `kp.conf`).
+#[inline(always)]
+fn try_log(kp: *const PeerData) -> *mut TryLog {
+    kp.wrapping_add(1).cast_mut().cast()
 }
 
 /// nginx's `NGX_PEER_FAILED`, in the type of free peer's `state`.
@@ -254,9 +261,16 @@ unsafe extern "C" fn init_peer(
         debug_http!(log, "init keepalive slice peer");
 
         let kcf = served_conf(us);
-        let kp = ngx_palloc((*r).pool, size_of::<PeerData>()) as *mut PeerData;
+        // With $upstream_keepalive_* in use, the tries are logged right
+        // after the peer data (`try_log`).
+        let log_tries = (*(*kcf).idle).log_tries;
+        let size = size_of::<PeerData>() + if log_tries { TRY_LOG_SIZE } else { 0 };
+        let kp = ngx_palloc((*r).pool, size) as *mut PeerData;
         if kp.is_null() {
             return Status::NGX_ERROR.0;
+        }
+        if log_tries {
+            variables::start_log(r, try_log(kp));
         }
 
         if ((*kcf).original_init_peer)(r, us) != Status::NGX_OK.0 {
@@ -485,6 +499,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             // nginx counts this request on the connection right after.
             let requests = taken.map_or(1, |c| (*c).requests + 1);
             variables::record_try(
+                try_log(kp),
                 kp.request,
                 taken.is_some(),
                 shared,

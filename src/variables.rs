@@ -6,18 +6,20 @@
 //! variables (nginx marks a variable "indexed" when a directive compiles
 //! it: `log_format`, `add_header`, `map`, `if`, ...); requests of other
 //! configurations pay one test of a flag per try. A record goes into a
-//! small array from the request pool, found through a pool cleanup entry
-//! as nginx's realip module finds its context, because the request's
-//! module contexts are cleared by an internal redirect while its upstream
-//! states, whose " : " separators the variables follow, are not.
+//! small array allocated with the request's peer data (nothing allocated
+//! per try), found through a pool cleanup entry of its own, as nginx's
+//! realip module finds its context, because the request's module contexts
+//! are cleared by an internal redirect while its upstream states, whose
+//! " : " separators the variables follow, are not.
 
 use core::ffi::c_void;
+use core::mem::MaybeUninit;
 use core::ptr;
 
 use ngx::ffi::{
-    __BindgenBitfieldUnit, ngx_array_create, ngx_array_push, ngx_array_t, ngx_conf_t, ngx_cycle_t,
+    __BindgenBitfieldUnit, ngx_array_push, ngx_array_t, ngx_conf_t, ngx_cycle_t,
     ngx_http_add_variable, ngx_http_request_t, ngx_http_upstream_state_t,
-    ngx_http_variable_value_t, ngx_int_t, ngx_pnalloc, ngx_pool_cleanup_add, ngx_str_t, ngx_uint_t,
+    ngx_http_variable_value_t, ngx_int_t, ngx_pnalloc, ngx_pool_cleanup_t, ngx_str_t, ngx_uint_t,
     NGX_HTTP_VAR_INDEXED, NGX_HTTP_VAR_NOCACHEABLE,
 };
 
@@ -25,7 +27,7 @@ use ngx::core::Status;
 use ngx::http::HttpModuleMainConf;
 use ngx::ngx_log_debug_mask;
 
-use keepalive_slice_core::report::{join_tries, Length, TryField, TryRecord, Writer};
+use keepalive_slice_core::report::{decimal, join_tries, Length, TryField, TryRecord, Writer};
 
 use crate::module::Module;
 
@@ -47,14 +49,64 @@ impl AsRef<[u8]> for LoggedKey {
 
 type Try = TryRecord<LoggedKey>;
 
-/// A request's tries, in a pool cleanup entry of its pool.
-struct TryLog {
+/// Tries recorded without an allocation of their own (a try more goes
+/// into the pool, as nginx grows an array).
+const INLINE_TRIES: usize = 2;
+
+/// The tries of one upstream of a request, in the same allocation as the
+/// request's peer data (init peer allocates [`TRY_LOG_SIZE`] bytes more
+/// when recording is on). It is found again through its own pool cleanup
+/// entry, linked into the request pool's list as `ngx_pool_cleanup_add()`
+/// links one (without allocating it): the request's module contexts are
+/// cleared by an internal redirect, its upstream states and pool are not.
+#[repr(C)]
+pub struct TryLog {
+    cleanup: ngx_pool_cleanup_t,
     request: *mut ngx_http_request_t,
-    tries: *mut ngx_array_t,
+    /// `inline` at first, grown in the pool by `ngx_array_push()`.
+    tries: ngx_array_t,
+    inline: [MaybeUninit<Try>; INLINE_TRIES],
+    /// `$upstream_keepalive_requests` of a lone try, formatted here.
+    digits: [u8; 20],
 }
 
-/// Marks our cleanup entries; there is nothing to clean up.
+/// The bytes init peer allocates after its peer data for a [`TryLog`].
+pub const TRY_LOG_SIZE: usize = size_of::<TryLog>();
+
+/// Marks our cleanup entries; there is nothing to clean up. Never
+/// inlined: [`start_log`] is, and a copy of its own in another codegen
+/// unit would have another address than the one looked for.
+#[inline(never)]
 unsafe extern "C" fn try_log_marker(_data: *mut c_void) {}
+
+/// Starts the try log of `r`'s upstream at `log` ([`TRY_LOG_SIZE`] bytes
+/// of `r`'s pool, 8-aligned): linked into the pool's cleanup list, empty.
+///
+/// # Safety
+/// `r` must be live and `log` as above, for as long as the pool.
+#[inline]
+pub unsafe fn start_log(r: *mut ngx_http_request_t, log: *mut TryLog) {
+    // SAFETY: see above; the entry lives as long as the pool, whose
+    // destruction runs (and only runs) the no-op marker.
+    unsafe {
+        let pool = (*r).pool;
+        let inline = ptr::addr_of_mut!((*log).inline).cast::<c_void>();
+        ptr::addr_of_mut!((*log).cleanup).write(ngx_pool_cleanup_t {
+            handler: Some(try_log_marker),
+            data: log.cast(),
+            next: (*pool).cleanup,
+        });
+        ptr::addr_of_mut!((*log).request).write(r);
+        ptr::addr_of_mut!((*log).tries).write(ngx_array_t {
+            elts: inline,
+            nelts: 0,
+            size: size_of::<Try>(),
+            nalloc: INLINE_TRIES as ngx_uint_t,
+            pool,
+        });
+        (*pool).cleanup = ptr::addr_of_mut!((*log).cleanup);
+    }
+}
 
 /// Registers the variables (preconfiguration).
 ///
@@ -111,57 +163,39 @@ pub unsafe fn enable_recording(cycle: *mut ngx_cycle_t) {
     }
 }
 
-/// `r`'s try log, if it has one.
+/// Calls `each` with every try log of `r`, the latest upstream's first.
 ///
 /// # Safety
 /// `r` must be a live request.
-unsafe fn find_log(r: *mut ngx_http_request_t) -> *mut TryLog {
-    // SAFETY: walks the pool's cleanup list; entries with our marker hold
-    // a TryLog.
+#[inline]
+unsafe fn for_each_log(r: *mut ngx_http_request_t, mut each: impl FnMut(*mut TryLog)) {
+    // SAFETY: walks the pool's cleanup list; entries with our marker are
+    // the first field of a TryLog.
     unsafe {
+        let marker: unsafe extern "C" fn(*mut c_void) = try_log_marker;
         let mut cln = (*(*r).pool).cleanup;
         while !cln.is_null() {
-            if (*cln).handler.map(|h| h as *const ()) == Some(try_log_marker as *const ()) {
+            if (*cln).handler.map(|h| h as usize) == Some(marker as usize) {
                 let log = (*cln).data as *mut TryLog;
                 if (*log).request == r {
-                    return log;
+                    each(log);
                 }
             }
             cln = (*cln).next;
         }
-        ptr::null_mut()
     }
 }
 
-/// `r`'s try log, created if needed; null if the pool is out of memory.
+/// Records the try nginx is making now (get peer, once the balancer chose)
+/// in the log [`start_log`] started. On failure the try is simply not
+/// recorded: its values show "-".
 ///
 /// # Safety
-/// `r` must be a live request.
-unsafe fn log_of(r: *mut ngx_http_request_t) -> *mut TryLog {
-    // SAFETY: allocations from the request pool, freed with it.
-    unsafe {
-        let log = find_log(r);
-        if !log.is_null() {
-            return log;
-        }
-        let tries = ngx_array_create((*r).pool, 2, size_of::<Try>());
-        let cln = ngx_pool_cleanup_add((*r).pool, size_of::<TryLog>());
-        if tries.is_null() || cln.is_null() {
-            return ptr::null_mut();
-        }
-        let log = (*cln).data as *mut TryLog;
-        log.write(TryLog { request: r, tries });
-        (*cln).handler = Some(try_log_marker);
-        log
-    }
-}
-
-/// Records the try nginx is making now (get peer, once the balancer chose).
-/// On failure the try is simply not recorded: its values show "-".
-///
-/// # Safety
-/// `r` must be a live request whose upstream is connecting.
+/// `log` must be the started log of `r`, a live request whose upstream is
+/// connecting.
+#[inline]
 pub unsafe fn record_try(
+    log: *mut TryLog,
     r: *mut ngx_http_request_t,
     reused: bool,
     shared: bool,
@@ -169,17 +203,21 @@ pub unsafe fn record_try(
     key: ngx_str_t,
 ) {
     // SAFETY: upstream_states is the request's array of tries, the current
-    // one last (ngx_http_upstream_connect pushes it before get peer).
+    // one last (ngx_http_upstream_connect pushes it before get peer); the
+    // log's array is its inline storage or grown in the pool.
     unsafe {
         let states = (*r).upstream_states;
         if states.is_null() || (*states).nelts == 0 {
             return;
         }
-        let log = log_of(r);
-        if log.is_null() {
-            return;
-        }
-        let slot = ngx_array_push((*log).tries) as *mut Try;
+        let tries = ptr::addr_of_mut!((*log).tries);
+        let slot = if (*tries).nelts < (*tries).nalloc {
+            let slot = ((*tries).elts as *mut Try).add((*tries).nelts);
+            (*tries).nelts += 1;
+            slot
+        } else {
+            ngx_array_push(tries) as *mut Try
+        };
         if slot.is_null() {
             return;
         }
@@ -196,6 +234,45 @@ pub unsafe fn record_try(
             "keepalive slice: try {} recorded",
             (*states).nelts - 1
         );
+    }
+}
+
+/// The request's tries in order: one log's own array (one upstream, the
+/// common case) or, after an internal redirect to another upstream, the
+/// logs' tries copied together into the pool. `None`: out of memory.
+///
+/// # Safety
+/// `r` must be a live request.
+unsafe fn tries_of<'a>(r: *mut ngx_http_request_t) -> Option<(&'a [Try], *mut TryLog)> {
+    // SAFETY: the logs and their arrays live in the request pool.
+    unsafe {
+        let (mut logs, mut total, mut last) = (0usize, 0usize, ptr::null_mut());
+        for_each_log(r, |log| {
+            logs += 1;
+            total += (*log).tries.nelts;
+            last = log;
+        });
+        if logs <= 1 {
+            let tries = if last.is_null() {
+                &[][..]
+            } else {
+                (*last).tries.as_slice::<Try>()
+            };
+            return Some((tries, last));
+        }
+        // The latest upstream's log comes first in the list: filled from
+        // the end.
+        let all = ngx_pnalloc((*r).pool, total * size_of::<Try>()) as *mut Try;
+        if all.is_null() {
+            return None;
+        }
+        let mut end = total;
+        for_each_log(r, |log| {
+            let tries = (*log).tries.as_slice::<Try>();
+            end -= tries.len();
+            ptr::copy_nonoverlapping(tries.as_ptr(), all.add(end), tries.len());
+        });
+        Some((core::slice::from_raw_parts(all, total), ptr::null_mut()))
     }
 }
 
@@ -220,11 +297,8 @@ unsafe extern "C" fn variable(
         };
         let state = (*states).as_slice::<ngx_http_upstream_state_t>();
         let has_peer = |i: usize| state.get(i).is_some_and(|s| !s.peer.is_null());
-        let log = find_log(r);
-        let tries: &[Try] = if log.is_null() {
-            &[]
-        } else {
-            (*(*log).tries).as_slice::<Try>()
+        let Some((tries, log)) = tries_of(r) else {
+            return Status::NGX_ERROR.0;
         };
 
         // One try, of ours: its value as it is (the common case).
@@ -243,6 +317,13 @@ unsafe extern "C" fn variable(
                     }
                     TryField::Key => {
                         set_value(v, only.key.0.data, only.key.0.len, false);
+                        return Status::NGX_OK.0;
+                    }
+                    TryField::Requests if !log.is_null() => {
+                        // In the log's own bytes: nothing allocated.
+                        let digits = &mut (*log).digits;
+                        let text = decimal(only.requests, digits);
+                        set_value(v, text.as_ptr().cast_mut(), text.len(), false);
                         return Status::NGX_OK.0;
                     }
                     TryField::Requests => {}
