@@ -21,6 +21,7 @@ use ngx::core::Status;
 
 use keepalive_slice_core::args::MAX_CONNECTIONS;
 use keepalive_slice_core::cache::{boxed_slice, IdleCache};
+use keepalive_slice_core::identity::TlsAddresses;
 use keepalive_slice_core::registry::Ticket;
 use keepalive_slice_core::stats::{Closed, Counter, UpstreamStats};
 
@@ -124,6 +125,8 @@ pub struct IdleState {
     /// The upstream's identity in the registry (its configuration's
     /// address: the same in every worker of one configuration).
     pub upstream: usize,
+    /// The TLS addresses of its connections built so far (see `tls`).
+    pub tls_addresses: TlsAddresses,
 }
 
 impl IdleState {
@@ -156,6 +159,7 @@ impl IdleState {
             session_nonce: random_nonce(),
             share: false,
             upstream: 0,
+            tls_addresses: TlsAddresses::default(),
         })
     }
 

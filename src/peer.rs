@@ -455,7 +455,9 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             }
         } else {
             // Per try: a TLS name may depend on the server chosen.
-            let addr = kp.tls.evaluate(kp.request, kp.upstream, pc);
+            let addr = kp
+                .tls
+                .evaluate(kp.request, kp.upstream, pc, &mut idle.tls_addresses);
             kp.bucket = match addr.and_then(|addr| kp.bucket_key(addr)) {
                 Some(key) => idle.cache.find(&key),
                 None => None,
@@ -1036,7 +1038,7 @@ fn not_kept_because(refusal: &Refusal) -> NotKept {
 /// `pc` holds a connection of the live request of `kp`.
 #[inline(always)]
 unsafe fn tls_keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t) -> bool {
-    let TlsKey::Tls { state, .. } = &kp.tls else {
+    let TlsKey::Tls(state) = &kp.tls else {
         return true;
     };
     match state {

@@ -17,7 +17,7 @@ use ngx::core::Status;
 
 #[cfg(ngx_feature = "http_ssl")]
 use keepalive_slice_core::identity::{tls_address, TlsIdentity, MAX_ADDR_LEN};
-use keepalive_slice_core::identity::{tls_part, Describe, Escaped};
+use keepalive_slice_core::identity::{tls_name, tls_part, Describe, Escaped, TlsAddresses};
 
 /// The protocol a request speaks to its upstream: its `create_request`,
 /// which each upstream module sets to its own (proxy over HTTP/1.x, proxy
@@ -36,15 +36,16 @@ pub unsafe fn protocol(u: *const ngx_http_upstream_t) -> usize {
 pub enum TlsKey {
     /// A plain connection: the socket address alone.
     Plain,
-    /// A TLS connection: its address is built into `buf` (from the request
-    /// pool, `MAX_ADDR_LEN` bytes) by [`TlsKey::evaluate`] for each try.
-    Tls { buf: *mut u8, state: TlsState },
+    /// A TLS connection: its address is found or built by
+    /// [`TlsKey::evaluate`] for each try.
+    Tls(TlsState),
 }
 
 pub enum TlsState {
-    /// `len` bytes of the buffer; `name` is the name nginx sends or checks
-    /// (`None` when it uses none).
-    Ready { len: usize, name: Option<ngx_str_t> },
+    /// `len` bytes at `addr`: an address the upstream keeps for the cycle
+    /// (`identity::TlsAddresses`), or one built for this try in the
+    /// request pool.
+    Ready { addr: *const u8, len: usize },
     /// Not evaluated yet, or evaluating failed: neither taken nor kept.
     Failed,
     /// Longer than a bucket holds: neither taken nor kept.
@@ -52,26 +53,36 @@ pub enum TlsState {
 }
 
 impl TlsKey {
-    /// The key of request `r`: `Plain` unless its upstream is TLS; for TLS,
-    /// the buffer its identity is built in, once per request (nothing is
-    /// allocated for plain upstreams).
+    /// The key of request `r`: `Plain` unless its upstream is TLS (nothing
+    /// is allocated: see [`TlsKey::evaluate`]).
     ///
     /// # Safety
     /// `r` and `u` must be live, `u` the request's upstream.
+    #[inline]
     pub unsafe fn new(r: *mut ngx_http_request_t, u: *const ngx_http_upstream_t) -> Self {
         #[cfg(ngx_feature = "http_ssl")]
         // SAFETY: see above.
         unsafe {
             if (*u).ssl() != 0 {
-                let buf = ngx_pnalloc((*r).pool, MAX_ADDR_LEN) as *mut u8;
-                return TlsKey::Tls {
-                    buf,
-                    state: TlsState::Failed,
-                };
+                return TlsKey::Tls(TlsState::Failed);
             }
         }
         let _ = (r, u);
         TlsKey::Plain
+    }
+
+    /// The TLS address of the current try, `None` if plain or unusable.
+    #[inline]
+    fn tls_address(&self) -> Option<&[u8]> {
+        match self {
+            // SAFETY: `len` bytes at `addr` were found or written by
+            // evaluate(), in memory that outlives the request (the
+            // upstream's, for the cycle) or lives as long as its pool.
+            TlsKey::Tls(TlsState::Ready { addr, len }) => {
+                Some(unsafe { core::slice::from_raw_parts(*addr, *len) })
+            }
+            _ => None,
+        }
     }
 
     /// The address the connection in `pc` is kept under, `None` when it
@@ -84,16 +95,7 @@ impl TlsKey {
         match self {
             // SAFETY: see above.
             TlsKey::Plain => Some(unsafe { sockaddr(pc) }),
-            TlsKey::Tls {
-                buf,
-                state: TlsState::Ready { len, .. },
-            } => {
-                // SAFETY: `len` bytes of the request-pool buffer were
-                // written by evaluate(); the pool outlives the request's
-                // peer callbacks.
-                Some(unsafe { core::slice::from_raw_parts(*buf, *len) })
-            }
-            TlsKey::Tls { .. } => None,
+            TlsKey::Tls(_) => self.tls_address(),
         }
     }
 
@@ -106,58 +108,42 @@ impl TlsKey {
     /// The TLS identity of the current try, `None` when there is none to
     /// use (plain, not evaluated, failed, too long).
     pub fn identity_checked(&self) -> Option<&[u8]> {
-        match self {
-            TlsKey::Tls {
-                buf,
-                state: TlsState::Ready { len, .. },
-            } => {
-                // SAFETY: as in address().
-                Some(tls_part(unsafe { core::slice::from_raw_parts(*buf, *len) }))
-            }
-            _ => None,
-        }
+        self.tls_address().map(tls_part)
     }
 
     /// The name nginx sends or verifies for this identity.
     pub fn name(&self) -> Option<&[u8]> {
-        match self {
-            TlsKey::Tls {
-                state: TlsState::Ready {
-                    name: Some(name), ..
-                },
-                ..
-            } => Some(name.as_bytes()),
-            _ => None,
-        }
+        self.tls_address().and_then(tls_name)
     }
 
     /// The address the connection of this try is kept under (the
     /// balancer has chosen the server in `pc`): for TLS, the identity is
-    /// built first, from the values nginx will use if it opens a new one.
-    /// `None` when the connection cannot be kept or taken.
+    /// read first, from the values nginx will use if it opens a new one,
+    /// and its address found among those the upstream keeps (`kept`) or
+    /// built. `None` when the connection cannot be kept or taken.
     ///
     /// # Safety
     /// `r` and `u` must be live, `u` the request's upstream and `pc` its
-    /// peer; the address lives as long as the request's pool and `pc`'s
-    /// choice.
+    /// peer, `kept` its upstream's; the address lives as long as the
+    /// request's pool and `pc`'s choice.
     #[inline]
     pub unsafe fn evaluate<'a>(
         &mut self,
         r: *mut ngx_http_request_t,
         u: *mut ngx_http_upstream_t,
         pc: *const ngx_peer_connection_t,
+        kept: &mut TlsAddresses,
     ) -> Option<&'a [u8]> {
         match self {
             // SAFETY: see above.
             TlsKey::Plain => Some(unsafe { sockaddr(pc) }),
-            TlsKey::Tls { buf, state } => {
+            TlsKey::Tls(state) => {
                 // SAFETY: see above.
-                unsafe { evaluate_tls(*buf, state, r, u, pc) };
+                unsafe { evaluate_tls(state, r, u, pc, kept) };
                 match state {
-                    TlsState::Ready { len, .. } => {
-                        // SAFETY: `len` bytes of the request-pool buffer
-                        // were just written.
-                        Some(unsafe { core::slice::from_raw_parts(*buf, *len) })
+                    // SAFETY: as in tls_address().
+                    TlsState::Ready { addr, len } => {
+                        Some(unsafe { core::slice::from_raw_parts(*addr, *len) })
                     }
                     _ => None,
                 }
@@ -176,43 +162,80 @@ pub unsafe fn sockaddr<'a>(pc: *const ngx_peer_connection_t) -> &'a [u8] {
     unsafe { core::slice::from_raw_parts((*pc).sockaddr as *const u8, (*pc).socklen as usize) }
 }
 
-/// [`TlsKey::evaluate`] for TLS: `state` becomes what was built in `buf`.
+/// [`TlsKey::evaluate`] for TLS: `state` becomes the address found or
+/// built. Without a variable client certificate, the identity of a
+/// location, server and name (as read) is always the same: its address is
+/// built once and kept by the upstream (`kept`), found again by comparing
+/// the name. Otherwise (or when `kept` is full) it is built per try into
+/// the request pool, at its own length.
 ///
 /// # Safety
-/// As for [`TlsKey::evaluate`]; `buf` is null or `MAX_ADDR_LEN` bytes.
-#[inline(never)]
+/// As for [`TlsKey::evaluate`].
+#[inline(always)]
 unsafe fn evaluate_tls(
-    buf: *mut u8,
     state: &mut TlsState,
     r: *mut ngx_http_request_t,
     u: *mut ngx_http_upstream_t,
     pc: *const ngx_peer_connection_t,
+    kept: &mut TlsAddresses,
 ) {
     *state = TlsState::Failed;
     #[cfg(ngx_feature = "http_ssl")]
     // SAFETY: see above.
     unsafe {
-        if buf.is_null() {
-            return;
-        }
-        let out = core::slice::from_raw_parts_mut(buf, MAX_ADDR_LEN);
         let Some(values) = Values::read(r, u) else {
             return;
         };
         let id = values.identity();
-        *state = match tls_address(sockaddr(pc), &id, out) {
-            Ok(len) => TlsState::Ready {
-                len,
-                name: id.effective_name().map(|n| ngx_str_t {
-                    len: n.len(),
-                    data: n.as_ptr().cast_mut(),
-                }),
-            },
-            Err(too_long) => TlsState::TooLong(too_long.len),
-        };
+        let sock = sockaddr(pc);
+        if values.certificate.is_none() {
+            match kept.get((*u).conf as usize, sock, &id) {
+                Ok(Some(addr)) => {
+                    *state = TlsState::Ready {
+                        addr: addr.as_ptr(),
+                        len: addr.len(),
+                    };
+                    return;
+                }
+                Ok(None) => {}
+                Err(too_long) => {
+                    *state = TlsState::TooLong(too_long.len);
+                    return;
+                }
+            }
+        }
+        build_tls(state, r, sock, &id);
     }
     #[cfg(not(ngx_feature = "http_ssl"))]
-    let _ = (buf, r, u, pc);
+    let _ = (r, u, pc, kept);
+}
+
+/// The address of identity `id` built for this try, in the request pool.
+///
+/// # Safety
+/// `r` must be live.
+#[cfg(ngx_feature = "http_ssl")]
+#[inline(never)]
+unsafe fn build_tls(
+    state: &mut TlsState,
+    r: *mut ngx_http_request_t,
+    sock: &[u8],
+    id: &TlsIdentity,
+) {
+    let mut out = [0u8; MAX_ADDR_LEN];
+    *state = match tls_address(sock, id, &mut out) {
+        Ok(len) => {
+            // SAFETY: r is live; the copy lives as long as its pool.
+            let addr = unsafe { ngx_pnalloc((*r).pool, len) } as *mut u8;
+            if addr.is_null() {
+                return;
+            }
+            // SAFETY: `len` bytes, written above, into as many.
+            unsafe { core::ptr::copy_nonoverlapping(out.as_ptr(), addr, len) };
+            TlsState::Ready { addr, len }
+        }
+        Err(too_long) => TlsState::TooLong(too_long.len),
+    };
 }
 
 /// The values of `ngx_http_upstream_ssl_init_connection()`, evaluated.
@@ -232,6 +255,7 @@ impl Values {
     ///
     /// # Safety
     /// `r` and `u` must be live, `u` the request's upstream.
+    #[inline(always)]
     unsafe fn read(r: *mut ngx_http_request_t, u: *mut ngx_http_upstream_t) -> Option<Self> {
         // SAFETY: u->conf is the location's upstream configuration; its
         // complex values are evaluated as nginx does.
@@ -286,6 +310,7 @@ impl Values {
         }
     }
 
+    #[inline(always)]
     fn identity(&self) -> TlsIdentity<'_> {
         TlsIdentity {
             context: self.context,

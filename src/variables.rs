@@ -15,10 +15,12 @@
 use core::ffi::c_void;
 use core::mem::MaybeUninit;
 use core::ptr;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
 use ngx::ffi::{
     __BindgenBitfieldUnit, ngx_array_push, ngx_array_t, ngx_conf_t, ngx_cycle_t,
-    ngx_http_add_variable, ngx_http_request_t, ngx_http_upstream_state_t,
+    ngx_http_add_variable, ngx_http_core_main_conf_t, ngx_http_core_module, ngx_http_request_t,
+    ngx_http_variable_t, ngx_http_upstream_state_t,
     ngx_http_variable_value_t, ngx_int_t, ngx_pnalloc, ngx_pool_cleanup_t, ngx_str_t, ngx_uint_t,
     NGX_HTTP_VAR_INDEXED, NGX_HTTP_VAR_NOCACHEABLE,
 };
@@ -51,7 +53,7 @@ type Try = TryRecord<LoggedKey>;
 
 /// Tries recorded without an allocation of their own (a try more goes
 /// into the pool, as nginx grows an array).
-const INLINE_TRIES: usize = 2;
+const INLINE_TRIES: usize = 1;
 
 /// The tries of one upstream of a request, in the same allocation as the
 /// request's peer data (init peer allocates [`TRY_LOG_SIZE`] bytes more
@@ -152,6 +154,13 @@ pub unsafe fn enable_recording(cycle: *mut ngx_cycle_t) {
             .any(|&v| (*v).flags & NGX_HTTP_VAR_INDEXED as ngx_uint_t != 0);
         for served in &mcf.served {
             (*served.idle).log_tries = used;
+        }
+        for (index, &v) in INDEXES.iter().zip(&mcf.variables) {
+            let indexed = (*v).flags & NGX_HTTP_VAR_INDEXED as ngx_uint_t != 0;
+            index.store(
+                if indexed { (*v).index } else { usize::MAX },
+                Ordering::Relaxed,
+            );
         }
         if used {
             ngx_log_debug_mask!(
@@ -301,33 +310,12 @@ unsafe extern "C" fn variable(
             return Status::NGX_ERROR.0;
         };
 
-        // One try, of ours: its value as it is (the common case).
+        // One try, of ours: its values as they are (the common case), the
+        // other variables' too (`lone_try`).
         if let ([only], [_]) = (tries, state) {
-            if only.state == 0 {
-                match field {
-                    TryField::Reused => {
-                        let flag: &'static [u8] = match (only.reused, only.shared) {
-                            (true, true) => b"w",
-                            (true, false) => b"r",
-                            _ => b".",
-                        };
-                        // nginx only reads variable values.
-                        set_value(v, flag.as_ptr().cast_mut(), 1, false);
-                        return Status::NGX_OK.0;
-                    }
-                    TryField::Key => {
-                        set_value(v, only.key.0.data, only.key.0.len, false);
-                        return Status::NGX_OK.0;
-                    }
-                    TryField::Requests if !log.is_null() => {
-                        // In the log's own bytes: nothing allocated.
-                        let digits = &mut (*log).digits;
-                        let text = decimal(only.requests, digits);
-                        set_value(v, text.as_ptr().cast_mut(), text.len(), false);
-                        return Status::NGX_OK.0;
-                    }
-                    TryField::Requests => {}
-                }
+            if only.state == 0 && !log.is_null() {
+                lone_try(r, v, field, only, &mut (*log).digits);
+                return Status::NGX_OK.0;
             }
         }
 
@@ -343,6 +331,83 @@ unsafe extern "C" fn variable(
         set_value(v, p, writer.len, false);
     }
     Status::NGX_OK.0
+}
+
+/// The indexes of the three variables in `r->variables` (`usize::MAX`:
+/// not indexed), in the order of [`VARIABLES`], set at init module.
+static INDEXES: [AtomicUsize; 3] = [const { AtomicUsize::new(usize::MAX) }; 3];
+
+/// The value of `field` for a request's lone try; the requests are
+/// formatted in `digits`.
+#[inline(always)]
+fn lone_value(field: TryField, only: &Try, digits: &mut [u8; 20]) -> (*mut u8, usize) {
+    match field {
+        TryField::Reused => {
+            let flag: &'static [u8] = match (only.reused, only.shared) {
+                (true, true) => b"w",
+                (true, false) => b"r",
+                _ => b".",
+            };
+            // nginx only reads variable values.
+            (flag.as_ptr().cast_mut(), 1)
+        }
+        TryField::Key => (only.key.0.data, only.key.0.len),
+        TryField::Requests => {
+            let text = decimal(only.requests, digits);
+            (text.as_ptr().cast_mut(), text.len())
+        }
+    }
+}
+
+/// The variable `field` of a request's lone try into `v`, and the other
+/// two that the configuration uses into their own values in `r`, as if
+/// evaluated at the same time: an access log (which flushes the three,
+/// not cacheable, before it evaluates any) then reads them without
+/// asking again; a reader that flushes them asks again.
+///
+/// # Safety
+/// `r` must be live and `v` its value of `field`.
+#[inline(always)]
+unsafe fn lone_try(
+    r: *mut ngx_http_request_t,
+    v: &mut ngx_http_variable_value_t,
+    field: TryField,
+    only: &Try,
+    digits: &mut [u8; 20],
+) {
+    let (data, len) = lone_value(field, only, digits);
+    set_value(v, data, len, false);
+    // SAFETY: r->variables has an entry per variable of the request's
+    // configuration, whose core main conf lists them; an index is used
+    // only if it is one of ours there (a configuration may have replaced
+    // the one that set INDEXES).
+    unsafe {
+        let cmcf = *(*r).main_conf.add(ngx_http_core_module.ctx_index)
+            as *const ngx_http_core_main_conf_t;
+        let vars = &(*cmcf).variables;
+        let handler: unsafe extern "C" fn(
+            *mut ngx_http_request_t,
+            *mut ngx_http_variable_value_t,
+            usize,
+        ) -> ngx_int_t = variable;
+        for (index, (_, other)) in INDEXES.iter().zip(VARIABLES) {
+            let index = index.load(Ordering::Relaxed);
+            if other == field || index >= vars.nelts {
+                continue;
+            }
+            let var = &*(vars.elts as *const ngx_http_variable_t).add(index);
+            if var.data != other as usize || var.get_handler.map(|h| h as usize) != Some(handler as usize)
+            {
+                continue;
+            }
+            let (data, len) = lone_value(other, only, digits);
+            let value = &mut *(*r).variables.add(index);
+            set_value(value, data, len, false);
+            // As nginx marks a variable of NGX_HTTP_VAR_NOCACHEABLE once
+            // evaluated: flushes reset it.
+            value.set_no_cacheable(1);
+        }
+    }
 }
 
 /// Fills a variable value: valid, cacheable, found or not. The flags and

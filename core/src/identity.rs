@@ -167,6 +167,118 @@ pub fn tls_part(addr: &[u8]) -> &[u8] {
     }
 }
 
+/// The TLS name encoded in an address made by [`tls_address`], `None`
+/// when the identity holds none (or `addr` is a plain socket address).
+#[inline]
+pub fn tls_name(addr: &[u8]) -> Option<&[u8]> {
+    let mut r = Reader(tls_part(addr));
+    let (_, flags) = (r.take(8)?, r.take(1)?);
+    if flags.first()? & HAS_NAME == 0 {
+        return None;
+    }
+    r.field()
+}
+
+/// How many built TLS addresses an upstream keeps per worker
+/// ([`TlsAddresses`]); the identities past them are built per try.
+pub const MAX_TLS_ADDRESSES: usize = 32;
+
+/// TLS addresses built once and kept for the cycle, per upstream and
+/// worker: the address of a location (its upstream configuration, `conf`),
+/// a server's socket address and the name nginx uses, when nothing else
+/// of the identity can change per request (no variable client
+/// certificate). The name is compared as read, byte for byte, so a
+/// variable name finds the address of its own value only. Entries are
+/// never changed nor dropped before the cycle's end: a request keeps the
+/// address it found, without copying it.
+#[derive(Default)]
+pub struct TlsAddresses {
+    entries: Vec<TlsEntry>,
+    /// The entry found last: every try of a lone server and location.
+    recent: usize,
+}
+
+struct TlsEntry {
+    conf: usize,
+    /// The name as read, `None` when nginx uses none.
+    name: Option<Box<[u8]>>,
+    /// The socket address's length: the address holds it at offset 4.
+    socklen: usize,
+    addr: Box<[u8]>,
+}
+
+impl TlsEntry {
+    #[inline(always)]
+    fn is(&self, conf: usize, sockaddr: &[u8], name: Option<&[u8]>) -> bool {
+        self.conf == conf
+            && self.socklen == sockaddr.len()
+            && self.addr.get(TLS_ADDRESS_HEADER..TLS_ADDRESS_HEADER + sockaddr.len())
+                == Some(sockaddr)
+            && self.name.as_deref() == name
+    }
+}
+
+impl TlsAddresses {
+    /// The address of `conf`'s connections to `sockaddr` under the TLS
+    /// identity `id` (whose name, as read, is `id.name`): found, or built
+    /// and kept if there is room. `Ok(None)`: no room, build it per try.
+    #[inline]
+    pub fn get(
+        &mut self,
+        conf: usize,
+        sockaddr: &[u8],
+        id: &TlsIdentity,
+    ) -> Result<Option<&[u8]>, TooLong> {
+        let hit = self
+            .entries
+            .get(self.recent)
+            .is_some_and(|e| e.is(conf, sockaddr, id.name));
+        if hit {
+            return Ok(self.entries.get(self.recent).map(|e| &*e.addr));
+        }
+        self.get_further(conf, sockaddr, id)
+    }
+
+    #[inline(never)]
+    fn get_further(
+        &mut self,
+        conf: usize,
+        sockaddr: &[u8],
+        id: &TlsIdentity,
+    ) -> Result<Option<&[u8]>, TooLong> {
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|e| e.is(conf, sockaddr, id.name))
+        {
+            self.recent = i;
+            return Ok(self.entries.get(i).map(|e| &*e.addr));
+        }
+        if self.entries.len() >= MAX_TLS_ADDRESSES {
+            return Ok(None);
+        }
+        let mut out = [0u8; MAX_ADDR_LEN];
+        let len = tls_address(sockaddr, id, &mut out)?;
+        self.entries.push(TlsEntry {
+            conf,
+            name: id.name.map(Box::from),
+            socklen: sockaddr.len(),
+            addr: Box::from(out.get(..len).unwrap_or_default()),
+        });
+        self.recent = self.entries.len() - 1;
+        Ok(self.entries.last().map(|e| &*e.addr))
+    }
+
+    /// The addresses kept.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// Longest stamp of a TLS session ([`session_stamp`]).
 pub const MAX_SESSION_STAMP: usize = 16 + MAX_ADDR_LEN;
 
@@ -524,6 +636,55 @@ mod tests {
         let longest = [0u8; MAX_ADDR_LEN];
         assert!(session_stamp(1, 2, &longest, &mut [0u8; MAX_SESSION_STAMP]).is_some());
         assert!(session_stamp(1, 2, &longest, &mut [0u8; MAX_SESSION_STAMP - 1]).is_none());
+    }
+
+    #[test]
+    fn names_are_read_back() {
+        let a = address(SIN, &tls(Some(b"a.test:8443")));
+        assert_eq!(tls_name(&a), Some(&b"a.test"[..]));
+        assert_eq!(tls_name(&address(SIN, &tls(None))), None);
+        assert_eq!(tls_name(SIN), None);
+        let off = TlsIdentity {
+            verify: false,
+            server_name: false,
+            ..tls(Some(b"a"))
+        };
+        assert_eq!(tls_name(&address(SIN, &off)), None);
+    }
+
+    #[test]
+    fn kept_addresses_are_those_built() {
+        let mut kept = TlsAddresses::default();
+        let ids = [
+            tls(Some(b"a.test")),
+            tls(Some(b"b.test")),
+            tls(Some(b"a.test:443")),
+            tls(None),
+        ];
+        for round in 0..2 {
+            for (conf, sockaddr) in [(1, SIN), (2, SIN), (1, SIN6)] {
+                for id in &ids {
+                    let got = kept.get(conf, sockaddr, id).unwrap().unwrap().to_vec();
+                    assert_eq!(got, address(sockaddr, id), "round {round}");
+                }
+            }
+        }
+        // one per location, server and name as read
+        assert_eq!(kept.len(), 12);
+        // full: built per try by the caller
+        for i in 0..MAX_TLS_ADDRESSES {
+            let _ = kept.get(100 + i, SIN, &ids[0]);
+        }
+        assert_eq!(kept.len(), MAX_TLS_ADDRESSES);
+        assert_eq!(kept.get(1000, SIN, &ids[0]), Ok(None));
+        assert_eq!(
+            kept.get(1, SIN, &ids[1]).unwrap().unwrap(),
+            &address(SIN, &ids[1])[..]
+        );
+        let long = [b'a'; MAX_ADDR_LEN];
+        let mut fresh = TlsAddresses::default();
+        assert!(fresh.get(1, SIN, &tls(Some(&long))).is_err());
+        assert!(fresh.is_empty());
     }
 
     #[test]
