@@ -16,7 +16,7 @@ use ngx::ffi::{ngx_http_complex_value, ngx_http_complex_value_t, ngx_pnalloc};
 use ngx::core::Status;
 
 #[cfg(ngx_feature = "http_ssl")]
-use keepalive_slice_core::identity::{tls_address, TlsIdentity, MAX_ADDR_LEN};
+use keepalive_slice_core::identity::{same_bytes, tls_address, TlsIdentity, MAX_ADDR_LEN};
 use keepalive_slice_core::identity::{tls_name, tls_part, Describe, Escaped, TlsAddresses};
 
 /// The protocol a request speaks to its upstream: its `create_request`,
@@ -183,11 +183,63 @@ unsafe fn evaluate_tls(
     #[cfg(ngx_feature = "http_ssl")]
     // SAFETY: see above.
     unsafe {
+        let sock = sockaddr(pc);
+        // The address found last, if its location and server are this
+        // try's, without reading the rest: a location's settings and its
+        // static certificate do not change (a location with a variable one
+        // has no address kept), nor, when the location uses no name, the
+        // name; the upstream's name (`u->ssl_name`) or a name without
+        // variables is compared. A variable name is evaluated first.
+        if let Some((addr, name)) = kept.recent((*u).conf as usize, sock) {
+            let conf = &*(*u).conf;
+            let same = if conf.ssl_verify == 0 && conf.ssl_server_name == 0 {
+                true
+            } else {
+                // A name without variables is its value, as
+                // ngx_http_complex_value() gives it.
+                let ssl_name = if conf.ssl_name.is_null() {
+                    Some((*u).ssl_name.as_bytes())
+                } else if (*conf.ssl_name).lengths.is_null() {
+                    Some((*conf.ssl_name).value.as_bytes())
+                } else {
+                    None
+                };
+                matches!((name, ssl_name), (Some(n), Some(s)) if same_bytes(n, s, n.len()))
+            };
+            if same {
+                *state = TlsState::Ready {
+                    addr: addr.as_ptr(),
+                    len: addr.len(),
+                };
+                return;
+            }
+        }
+        evaluate_read(state, r, u, sock, kept);
+    }
+    #[cfg(not(ngx_feature = "http_ssl"))]
+    let _ = (r, u, pc, kept);
+}
+
+/// [`evaluate_tls`] past the address found last: the values read, the
+/// address found or built.
+///
+/// # Safety
+/// As for [`TlsKey::evaluate`].
+#[cfg(ngx_feature = "http_ssl")]
+#[inline(never)]
+unsafe fn evaluate_read(
+    state: &mut TlsState,
+    r: *mut ngx_http_request_t,
+    u: *mut ngx_http_upstream_t,
+    sock: &[u8],
+    kept: &mut TlsAddresses,
+) {
+    // SAFETY: see above.
+    unsafe {
         let Some(values) = Values::read(r, u) else {
             return;
         };
         let id = values.identity();
-        let sock = sockaddr(pc);
         if values.certificate.is_none() {
             match kept.get((*u).conf as usize, sock, &id) {
                 Ok(Some(addr)) => {
@@ -206,8 +258,6 @@ unsafe fn evaluate_tls(
         }
         build_tls(state, r, sock, &id);
     }
-    #[cfg(not(ngx_feature = "http_ssl"))]
-    let _ = (r, u, pc, kept);
 }
 
 /// The address of identity `id` built for this try, in the request pool.

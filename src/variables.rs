@@ -18,10 +18,10 @@ use core::ptr;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use ngx::ffi::{
-    __BindgenBitfieldUnit, ngx_array_push, ngx_array_t, ngx_conf_t, ngx_cycle_t,
-    ngx_http_add_variable, ngx_http_core_main_conf_t, ngx_http_core_module, ngx_http_request_t,
-    ngx_http_variable_t, ngx_http_upstream_state_t,
-    ngx_http_variable_value_t, ngx_int_t, ngx_pnalloc, ngx_pool_cleanup_t, ngx_str_t, ngx_uint_t,
+    __BindgenBitfieldUnit, ngx_conf_t, ngx_cycle_t,
+    ngx_http_add_variable, ngx_http_conf_ctx_t, ngx_http_core_module, ngx_http_module,
+    ngx_http_request_t, ngx_http_upstream_state_t,
+    ngx_http_variable_value_t, ngx_int_t, ngx_palloc, ngx_pnalloc, ngx_pool_cleanup_t, ngx_pool_t, ngx_str_t, ngx_uint_t,
     NGX_HTTP_VAR_INDEXED, NGX_HTTP_VAR_NOCACHEABLE,
 };
 
@@ -65,8 +65,10 @@ const INLINE_TRIES: usize = 1;
 pub struct TryLog {
     cleanup: ngx_pool_cleanup_t,
     request: *mut ngx_http_request_t,
-    /// `inline` at first, grown in the pool by `ngx_array_push()`.
-    tries: ngx_array_t,
+    /// `inline` at first, grown in the pool (doubled) when full.
+    tries: *mut Try,
+    len: u32,
+    cap: u32,
     inline: [MaybeUninit<Try>; INLINE_TRIES],
     /// `$upstream_keepalive_requests` of a lone try, formatted here.
     digits: [u8; 20],
@@ -92,20 +94,16 @@ pub unsafe fn start_log(r: *mut ngx_http_request_t, log: *mut TryLog) {
     // destruction runs (and only runs) the no-op marker.
     unsafe {
         let pool = (*r).pool;
-        let inline = ptr::addr_of_mut!((*log).inline).cast::<c_void>();
+        let inline = ptr::addr_of_mut!((*log).inline).cast::<Try>();
         ptr::addr_of_mut!((*log).cleanup).write(ngx_pool_cleanup_t {
             handler: Some(try_log_marker),
             data: log.cast(),
             next: (*pool).cleanup,
         });
         ptr::addr_of_mut!((*log).request).write(r);
-        ptr::addr_of_mut!((*log).tries).write(ngx_array_t {
-            elts: inline,
-            nelts: 0,
-            size: size_of::<Try>(),
-            nalloc: INLINE_TRIES as ngx_uint_t,
-            pool,
-        });
+        ptr::addr_of_mut!((*log).tries).write(inline);
+        ptr::addr_of_mut!((*log).len).write(0);
+        ptr::addr_of_mut!((*log).cap).write(INLINE_TRIES as u32);
         (*pool).cleanup = ptr::addr_of_mut!((*log).cleanup);
     }
 }
@@ -155,6 +153,13 @@ pub unsafe fn enable_recording(cycle: *mut ngx_cycle_t) {
         for served in &mcf.served {
             (*served.idle).log_tries = used;
         }
+        let ctx = *(*cycle).conf_ctx.add(ngx_http_module.index) as *const ngx_http_conf_ctx_t;
+        let cmcf = if ctx.is_null() {
+            ptr::null_mut()
+        } else {
+            *(*ctx).main_conf.add(ngx_http_core_module.ctx_index)
+        };
+        INDEXED_IN.store(cmcf as usize, Ordering::Relaxed);
         for (index, &v) in INDEXES.iter().zip(&mcf.variables) {
             let indexed = (*v).flags & NGX_HTTP_VAR_INDEXED as ngx_uint_t != 0;
             index.store(
@@ -219,17 +224,12 @@ pub unsafe fn record_try(
         if states.is_null() || (*states).nelts == 0 {
             return;
         }
-        let tries = ptr::addr_of_mut!((*log).tries);
-        let slot = if (*tries).nelts < (*tries).nalloc {
-            let slot = ((*tries).elts as *mut Try).add((*tries).nelts);
-            (*tries).nelts += 1;
-            slot
-        } else {
-            ngx_array_push(tries) as *mut Try
-        };
-        if slot.is_null() {
+        let log = &mut *log;
+        if log.len == log.cap && !grow(log, (*r).pool) {
             return;
         }
+        let slot = log.tries.add(log.len as usize);
+        log.len += 1;
         slot.write(Try {
             state: (*states).nelts - 1,
             reused,
@@ -246,6 +246,39 @@ pub unsafe fn record_try(
     }
 }
 
+/// Doubles the room of `log`, in `pool`; `false` if out of memory.
+///
+/// # Safety
+/// `log` must be a started log of a request of `pool`.
+#[cold]
+#[inline(never)]
+unsafe fn grow(log: &mut TryLog, pool: *mut ngx_pool_t) -> bool {
+    let Some(cap) = log.cap.checked_mul(2) else {
+        return false;
+    };
+    // SAFETY: see above; the tries so far are copied.
+    unsafe {
+        let tries = ngx_palloc(pool, cap as usize * size_of::<Try>()) as *mut Try;
+        if tries.is_null() {
+            return false;
+        }
+        ptr::copy_nonoverlapping(log.tries, tries, log.len as usize);
+        log.tries = tries;
+    }
+    log.cap = cap;
+    true
+}
+
+/// The tries of `log`, in order.
+///
+/// # Safety
+/// `log` must be a started log.
+#[inline(always)]
+unsafe fn tries_in<'a>(log: *const TryLog) -> &'a [Try] {
+    // SAFETY: `len` tries were written at `tries`.
+    unsafe { core::slice::from_raw_parts((*log).tries, (*log).len as usize) }
+}
+
 /// The request's tries in order: one log's own array (one upstream, the
 /// common case) or, after an internal redirect to another upstream, the
 /// logs' tries copied together into the pool. `None`: out of memory.
@@ -258,14 +291,14 @@ unsafe fn tries_of<'a>(r: *mut ngx_http_request_t) -> Option<(&'a [Try], *mut Tr
         let (mut logs, mut total, mut last) = (0usize, 0usize, ptr::null_mut());
         for_each_log(r, |log| {
             logs += 1;
-            total += (*log).tries.nelts;
+            total += (*log).len as usize;
             last = log;
         });
         if logs <= 1 {
             let tries = if last.is_null() {
                 &[][..]
             } else {
-                (*last).tries.as_slice::<Try>()
+                tries_in(last)
             };
             return Some((tries, last));
         }
@@ -277,7 +310,7 @@ unsafe fn tries_of<'a>(r: *mut ngx_http_request_t) -> Option<(&'a [Try], *mut Tr
         }
         let mut end = total;
         for_each_log(r, |log| {
-            let tries = (*log).tries.as_slice::<Try>();
+            let tries = tries_in(log);
             end -= tries.len();
             ptr::copy_nonoverlapping(tries.as_ptr(), all.add(end), tries.len());
         });
@@ -336,6 +369,8 @@ unsafe extern "C" fn variable(
 /// The indexes of the three variables in `r->variables` (`usize::MAX`:
 /// not indexed), in the order of [`VARIABLES`], set at init module.
 static INDEXES: [AtomicUsize; 3] = [const { AtomicUsize::new(usize::MAX) }; 3];
+/// The core main conf (the configuration) whose variables `INDEXES` are.
+static INDEXED_IN: AtomicUsize = AtomicUsize::new(0);
 
 /// The value of `field` for a request's lone try; the requests are
 /// formatted in `digits`.
@@ -378,34 +413,23 @@ unsafe fn lone_try(
     let (data, len) = lone_value(field, only, digits);
     set_value(v, data, len, false);
     // SAFETY: r->variables has an entry per variable of the request's
-    // configuration, whose core main conf lists them; an index is used
-    // only if it is one of ours there (a configuration may have replaced
-    // the one that set INDEXES).
+    // configuration; INDEXES are used only if they are of that
+    // configuration (a reload in a single process may have replaced the
+    // one that set them while requests of the old one still run).
     unsafe {
-        let cmcf = *(*r).main_conf.add(ngx_http_core_module.ctx_index)
-            as *const ngx_http_core_main_conf_t;
-        let vars = &(*cmcf).variables;
-        let handler: unsafe extern "C" fn(
-            *mut ngx_http_request_t,
-            *mut ngx_http_variable_value_t,
-            usize,
-        ) -> ngx_int_t = variable;
+        let cmcf = *(*r).main_conf.add(ngx_http_core_module.ctx_index);
+        if cmcf as usize != INDEXED_IN.load(Ordering::Relaxed) {
+            return;
+        }
         for (index, (_, other)) in INDEXES.iter().zip(VARIABLES) {
             let index = index.load(Ordering::Relaxed);
-            if other == field || index >= vars.nelts {
-                continue;
-            }
-            let var = &*(vars.elts as *const ngx_http_variable_t).add(index);
-            if var.data != other as usize || var.get_handler.map(|h| h as usize) != Some(handler as usize)
-            {
+            if other == field || index == usize::MAX {
                 continue;
             }
             let (data, len) = lone_value(other, only, digits);
-            let value = &mut *(*r).variables.add(index);
-            set_value(value, data, len, false);
-            // As nginx marks a variable of NGX_HTTP_VAR_NOCACHEABLE once
-            // evaluated: flushes reset it.
-            value.set_no_cacheable(1);
+            // Not cacheable, as nginx marks a variable of
+            // NGX_HTTP_VAR_NOCACHEABLE once evaluated: flushes reset it.
+            set_value_of(&mut *(*r).variables.add(index), data, len, false, true);
         }
     }
 }
@@ -416,18 +440,34 @@ unsafe fn lone_try(
 /// machines the word is written at once, in bindgen's own bit order
 /// (`len` bits 0-27, `valid` 28, `no_cacheable` 29, `not_found` 30,
 /// `escape` 31).
+#[inline(always)]
 fn set_value(v: &mut ngx_http_variable_value_t, data: *mut u8, len: usize, not_found: bool) {
+    set_value_of(v, data, len, not_found, false);
+}
+
+/// [`set_value`], cacheable or not.
+#[inline(always)]
+fn set_value_of(
+    v: &mut ngx_http_variable_value_t,
+    data: *mut u8,
+    len: usize,
+    not_found: bool,
+    no_cacheable: bool,
+) {
     v.data = data;
     #[cfg(target_endian = "little")]
     {
-        let word = (len as u32 & 0x0fff_ffff) | 1 << 28 | u32::from(not_found) << 30;
+        let word = (len as u32 & 0x0fff_ffff)
+            | 1 << 28
+            | u32::from(no_cacheable) << 29
+            | u32::from(not_found) << 30;
         v._bitfield_1 = __BindgenBitfieldUnit::new(word.to_le_bytes());
     }
     #[cfg(not(target_endian = "little"))]
     {
         v.set_len(len as u32);
         v.set_valid(1);
-        v.set_no_cacheable(0);
+        v.set_no_cacheable(u32::from(no_cacheable));
         v.set_not_found(u32::from(not_found));
         v.set_escape(0);
     }

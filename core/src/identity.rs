@@ -269,6 +269,18 @@ impl TlsAddresses {
         Ok(self.entries.last().map(|e| &*e.addr))
     }
 
+    /// The address found last, if it is `conf`'s to `sockaddr`, and the
+    /// name (as read) it was built for: the caller compares the name, or
+    /// knows it cannot differ (`conf` uses none, or a constant one).
+    #[inline(always)]
+    pub fn recent(&self, conf: usize, sockaddr: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+        let e = self.entries.get(self.recent)?;
+        if e.conf != conf || !same_bytes(e.addr.get(TLS_ADDRESS_HEADER..)?, sockaddr, e.socklen) {
+            return None;
+        }
+        Some((&e.addr, e.name.as_deref()))
+    }
+
     /// The addresses kept.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -277,6 +289,19 @@ impl TlsAddresses {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// Whether the first `len` bytes of `a` are `b` (`b.len()` is `len`): a
+/// `sockaddr_in` as one 16-byte word, without a `memcmp` call.
+#[inline(always)]
+pub fn same_bytes(a: &[u8], b: &[u8], len: usize) -> bool {
+    if b.len() != len {
+        return false;
+    }
+    if let (16, Some(x), Some(y)) = (len, a.first_chunk::<16>(), b.first_chunk::<16>()) {
+        return u128::from_ne_bytes(*x) == u128::from_ne_bytes(*y);
+    }
+    a.get(..len) == Some(b)
 }
 
 /// Longest stamp of a TLS session ([`session_stamp`]).
@@ -671,6 +696,15 @@ mod tests {
         }
         // one per location, server and name as read
         assert_eq!(kept.len(), 12);
+        // the last found: its location, server and name
+        let last = kept.get(2, SIN6, &ids[1]).unwrap().unwrap().to_vec();
+        assert_eq!(
+            kept.recent(2, SIN6),
+            Some((&last[..], Some(&b"b.test"[..])))
+        );
+        assert_eq!(kept.recent(1, SIN6), None);
+        assert_eq!(kept.recent(2, SIN), None);
+        assert_eq!(kept.recent(2, &SIN6[..27]), None);
         // full: built per try by the caller
         for i in 0..MAX_TLS_ADDRESSES {
             let _ = kept.get(100 + i, SIN, &ids[0]);
