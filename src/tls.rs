@@ -179,7 +179,6 @@ unsafe fn evaluate_tls(
     pc: *const ngx_peer_connection_t,
     kept: &mut TlsAddresses,
 ) {
-    *state = TlsState::Failed;
     #[cfg(ngx_feature = "http_ssl")]
     // SAFETY: see above.
     unsafe {
@@ -217,7 +216,10 @@ unsafe fn evaluate_tls(
         evaluate_read(state, r, u, sock, kept);
     }
     #[cfg(not(ngx_feature = "http_ssl"))]
-    let _ = (r, u, pc, kept);
+    {
+        *state = TlsState::Failed;
+        let _ = (r, u, pc, kept);
+    }
 }
 
 /// [`evaluate_tls`] past the address found last: the values read, the
@@ -234,6 +236,7 @@ unsafe fn evaluate_read(
     sock: &[u8],
     kept: &mut TlsAddresses,
 ) {
+    *state = TlsState::Failed;
     // SAFETY: see above.
     unsafe {
         let Some(values) = Values::read(r, u) else {

@@ -204,17 +204,40 @@ struct TlsEntry {
     name: Option<Box<[u8]>>,
     /// The socket address's length: the address holds it at offset 4.
     socklen: usize,
+    /// A 16-byte socket address (`sockaddr_in`) as one word, 0 otherwise.
+    head: u128,
     addr: Box<[u8]>,
+}
+
+/// A 16-byte socket address as one word.
+#[inline(always)]
+fn head16(sockaddr: &[u8]) -> Option<u128> {
+    match sockaddr.first_chunk::<16>() {
+        Some(head) if sockaddr.len() == 16 => Some(u128::from_ne_bytes(*head)),
+        _ => None,
+    }
 }
 
 impl TlsEntry {
     #[inline(always)]
     fn is(&self, conf: usize, sockaddr: &[u8], name: Option<&[u8]>) -> bool {
-        self.conf == conf
-            && self.socklen == sockaddr.len()
-            && self.addr.get(TLS_ADDRESS_HEADER..TLS_ADDRESS_HEADER + sockaddr.len())
-                == Some(sockaddr)
-            && self.name.as_deref() == name
+        self.is_of(conf, sockaddr) && self.name.as_deref() == name
+    }
+
+    /// Whether this is an address of `conf` to `sockaddr`.
+    #[inline(always)]
+    fn is_of(&self, conf: usize, sockaddr: &[u8]) -> bool {
+        if self.conf != conf || self.socklen != sockaddr.len() {
+            return false;
+        }
+        match head16(sockaddr) {
+            Some(head) => head == self.head,
+            None => {
+                self.addr
+                    .get(TLS_ADDRESS_HEADER..TLS_ADDRESS_HEADER + sockaddr.len())
+                    == Some(sockaddr)
+            }
+        }
     }
 }
 
@@ -263,6 +286,7 @@ impl TlsAddresses {
             conf,
             name: id.name.map(Box::from),
             socklen: sockaddr.len(),
+            head: head16(sockaddr).unwrap_or(0),
             addr: Box::from(out.get(..len).unwrap_or_default()),
         });
         self.recent = self.entries.len() - 1;
@@ -275,7 +299,7 @@ impl TlsAddresses {
     #[inline(always)]
     pub fn recent(&self, conf: usize, sockaddr: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
         let e = self.entries.get(self.recent)?;
-        if e.conf != conf || !same_bytes(e.addr.get(TLS_ADDRESS_HEADER..)?, sockaddr, e.socklen) {
+        if !e.is_of(conf, sockaddr) {
             return None;
         }
         Some((&e.addr, e.name.as_deref()))
