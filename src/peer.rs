@@ -106,9 +106,9 @@ enum SliceState {
 }
 
 impl PeerData {
-    /// The bucket of this request's connection to `addr` (see
+    /// The bucket of this request's connection to `addr` under `tag` (see
     /// `TlsKey::evaluate`).
-    fn bucket_key<'a>(&'a self, addr: &'a [u8]) -> Option<BucketKey<'a>> {
+    fn bucket_key<'a>(&'a self, (addr, tag): (&'a [u8], usize)) -> Option<BucketKey<'a>> {
         let slice = match self.slice_state {
             SliceState::Unsliced => &[][..],
             SliceState::Key => self.slice_key.as_bytes(),
@@ -117,7 +117,7 @@ impl PeerData {
         Some(BucketKey {
             addr,
             slice,
-            tag: self.tag,
+            tag,
         })
     }
 
@@ -457,8 +457,8 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             // Per try: a TLS name may depend on the server chosen.
             let addr = kp
                 .tls
-                .evaluate(kp.request, kp.upstream, pc, &mut idle.tls_addresses);
-            kp.bucket = match addr.and_then(|addr| kp.bucket_key(addr)) {
+                .evaluate(kp.request, kp.upstream, pc, kp.tag, &mut idle.tls_addresses);
+            kp.bucket = match addr.and_then(|key| kp.bucket_key(key)) {
                 Some(key) => idle.cache.find(&key),
                 None => None,
             };
@@ -970,7 +970,7 @@ unsafe fn store_by_key(
 ) -> Option<usize> {
     // SAFETY: see above.
     unsafe {
-        let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
+        let Some(key) = kp.tls.key(pc, kp.tag).and_then(|key| kp.bucket_key(key)) else {
             idle.count(Counter::NotKept(NotKept::Error));
             return None;
         };

@@ -43,9 +43,14 @@ pub enum TlsKey {
 
 pub enum TlsState {
     /// `len` bytes at `addr`: an address the upstream keeps for the cycle
-    /// (`identity::TlsAddresses`), or one built for this try in the
-    /// request pool.
-    Ready { addr: *const u8, len: usize },
+    /// (`identity::TlsAddresses`), whose connections are keyed by their
+    /// socket address and the kept address's `id` as their tag, or (`id`
+    /// 0) one built for this try in the request pool, which is their key.
+    Ready {
+        addr: *const u8,
+        len: usize,
+        id: usize,
+    },
     /// Not evaluated yet, or evaluating failed: neither taken nor kept.
     Failed,
     /// Longer than a bucket holds: neither taken nor kept.
@@ -78,24 +83,27 @@ impl TlsKey {
             // SAFETY: `len` bytes at `addr` were found or written by
             // evaluate(), in memory that outlives the request (the
             // upstream's, for the cycle) or lives as long as its pool.
-            TlsKey::Tls(TlsState::Ready { addr, len }) => {
+            TlsKey::Tls(TlsState::Ready { addr, len, .. }) => {
                 Some(unsafe { core::slice::from_raw_parts(*addr, *len) })
             }
             _ => None,
         }
     }
 
-    /// The address the connection in `pc` is kept under, `None` when it
-    /// cannot be (the TLS identity failed or does not fit).
+    /// The address and tag the connection in `pc` is kept under (`tag`:
+    /// the request's bucket tag), `None` when it cannot be (the TLS
+    /// identity failed or does not fit).
     ///
     /// # Safety
     /// `pc` must hold the balancer's choice for this try.
     #[inline]
-    pub unsafe fn address(&self, pc: *const ngx_peer_connection_t) -> Option<&[u8]> {
+    pub unsafe fn key(&self, pc: *const ngx_peer_connection_t, tag: usize) -> Option<(&[u8], usize)> {
         match self {
             // SAFETY: see above.
-            TlsKey::Plain => Some(unsafe { sockaddr(pc) }),
-            TlsKey::Tls(_) => self.tls_address(),
+            TlsKey::Plain => Some((unsafe { sockaddr(pc) }, tag)),
+            // SAFETY: as above.
+            TlsKey::Tls(TlsState::Ready { id, .. }) if *id != 0 => Some((unsafe { sockaddr(pc) }, *id)),
+            TlsKey::Tls(_) => self.tls_address().map(|addr| (addr, tag)),
         }
     }
 
@@ -116,11 +124,12 @@ impl TlsKey {
         self.tls_address().and_then(tls_name)
     }
 
-    /// The address the connection of this try is kept under (the
-    /// balancer has chosen the server in `pc`): for TLS, the identity is
-    /// read first, from the values nginx will use if it opens a new one,
-    /// and its address found among those the upstream keeps (`kept`) or
-    /// built. `None` when the connection cannot be kept or taken.
+    /// The address and tag the connection of this try is kept under (the
+    /// balancer has chosen the server in `pc`; `tag` is the request's
+    /// bucket tag): for TLS, the identity is read first, from the values
+    /// nginx will use if it opens a new one, and its address found among
+    /// those the upstream keeps (`kept`) or built (see [`TlsKey::key`]).
+    /// `None` when the connection cannot be kept or taken.
     ///
     /// # Safety
     /// `r` and `u` must be live, `u` the request's upstream and `pc` its
@@ -132,18 +141,21 @@ impl TlsKey {
         r: *mut ngx_http_request_t,
         u: *mut ngx_http_upstream_t,
         pc: *const ngx_peer_connection_t,
+        tag: usize,
         kept: &mut TlsAddresses,
-    ) -> Option<&'a [u8]> {
+    ) -> Option<(&'a [u8], usize)> {
         match self {
             // SAFETY: see above.
-            TlsKey::Plain => Some(unsafe { sockaddr(pc) }),
+            TlsKey::Plain => Some((unsafe { sockaddr(pc) }, tag)),
             TlsKey::Tls(state) => {
                 // SAFETY: see above.
-                unsafe { evaluate_tls(state, r, u, pc, kept) };
+                unsafe { evaluate_tls(state, r, u, pc, tag, kept) };
                 match state {
+                    // SAFETY: see above.
+                    TlsState::Ready { id, .. } if *id != 0 => Some((unsafe { sockaddr(pc) }, *id)),
                     // SAFETY: as in tls_address().
-                    TlsState::Ready { addr, len } => {
-                        Some(unsafe { core::slice::from_raw_parts(*addr, *len) })
+                    TlsState::Ready { addr, len, .. } => {
+                        Some((unsafe { core::slice::from_raw_parts(*addr, *len) }, tag))
                     }
                     _ => None,
                 }
@@ -177,6 +189,7 @@ unsafe fn evaluate_tls(
     r: *mut ngx_http_request_t,
     u: *mut ngx_http_upstream_t,
     pc: *const ngx_peer_connection_t,
+    tag: usize,
     kept: &mut TlsAddresses,
 ) {
     #[cfg(ngx_feature = "http_ssl")]
@@ -189,7 +202,8 @@ unsafe fn evaluate_tls(
         // has no address kept), nor, when the location uses no name, the
         // name; the upstream's name (`u->ssl_name`) or a name without
         // variables is compared. A variable name is evaluated first.
-        if let Some((addr, name)) = kept.recent((*u).conf as usize, sock) {
+        if let Some(found) = kept.recent((*u).conf as usize, tag, sock) {
+            let name = found.name;
             let conf = &*(*u).conf;
             let same = if conf.ssl_verify == 0 && conf.ssl_server_name == 0 {
                 true
@@ -207,18 +221,19 @@ unsafe fn evaluate_tls(
             };
             if same {
                 *state = TlsState::Ready {
-                    addr: addr.as_ptr(),
-                    len: addr.len(),
+                    addr: found.addr.as_ptr(),
+                    len: found.addr.len(),
+                    id: found.id,
                 };
                 return;
             }
         }
-        evaluate_read(state, r, u, sock, kept);
+        evaluate_read(state, r, u, sock, tag, kept);
     }
     #[cfg(not(ngx_feature = "http_ssl"))]
     {
         *state = TlsState::Failed;
-        let _ = (r, u, pc, kept);
+        let _ = (r, u, pc, tag, kept);
     }
 }
 
@@ -234,6 +249,7 @@ unsafe fn evaluate_read(
     r: *mut ngx_http_request_t,
     u: *mut ngx_http_upstream_t,
     sock: &[u8],
+    tag: usize,
     kept: &mut TlsAddresses,
 ) {
     *state = TlsState::Failed;
@@ -244,11 +260,12 @@ unsafe fn evaluate_read(
         };
         let id = values.identity();
         if values.certificate.is_none() {
-            match kept.get((*u).conf as usize, sock, &id) {
-                Ok(Some(addr)) => {
+            match kept.get((*u).conf as usize, tag, sock, &id) {
+                Ok(Some(found)) => {
                     *state = TlsState::Ready {
-                        addr: addr.as_ptr(),
-                        len: addr.len(),
+                        addr: found.addr.as_ptr(),
+                        len: found.addr.len(),
+                        id: found.id,
                     };
                     return;
                 }
@@ -285,7 +302,7 @@ unsafe fn build_tls(
             }
             // SAFETY: `len` bytes, written above, into as many.
             unsafe { core::ptr::copy_nonoverlapping(out.as_ptr(), addr, len) };
-            TlsState::Ready { addr, len }
+            TlsState::Ready { addr, len, id: 0 }
         }
         Err(too_long) => TlsState::TooLong(too_long.len),
     };

@@ -193,12 +193,33 @@ pub const MAX_TLS_ADDRESSES: usize = 32;
 /// address it found, without copying it.
 #[derive(Default)]
 pub struct TlsAddresses {
-    entries: Vec<TlsEntry>,
+    /// Boxed: an entry's address is its identity's id, stable.
+    entries: Vec<Box<TlsEntry>>,
     /// The entry found last: every try of a lone server and location.
     recent: usize,
 }
 
+/// An address kept, for [`TlsAddresses::get`] and
+/// [`TlsAddresses::recent`]: its bytes, the name (as read) it was built
+/// for, and the id of its bucket tag and TLS identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kept<'a> {
+    /// The TLS address ([`tls_address`]).
+    pub addr: &'a [u8],
+    pub name: Option<&'a [u8]>,
+    /// Equal for two addresses exactly when their bucket tags and TLS
+    /// identities (not their socket addresses) are equal; never the
+    /// address of anything else alive (it is an entry's), so never a
+    /// plain connection's tag (a protocol handler or a location
+    /// configuration): a TLS connection can be keyed by its socket address
+    /// and this id as its tag.
+    pub id: usize,
+}
+
 struct TlsEntry {
+    /// The first entry's id of its tag and identity.
+    id: usize,
+    tag: usize,
     conf: usize,
     /// The name as read, `None` when nginx uses none.
     name: Option<Box<[u8]>>,
@@ -220,14 +241,23 @@ fn head16(sockaddr: &[u8]) -> Option<u128> {
 
 impl TlsEntry {
     #[inline(always)]
-    fn is(&self, conf: usize, sockaddr: &[u8], name: Option<&[u8]>) -> bool {
-        self.is_of(conf, sockaddr) && self.name.as_deref() == name
+    fn is(&self, conf: usize, tag: usize, sockaddr: &[u8], name: Option<&[u8]>) -> bool {
+        self.is_of(conf, tag, sockaddr) && self.name.as_deref() == name
     }
 
-    /// Whether this is an address of `conf` to `sockaddr`.
     #[inline(always)]
-    fn is_of(&self, conf: usize, sockaddr: &[u8]) -> bool {
-        if self.conf != conf || self.socklen != sockaddr.len() {
+    fn kept(&self) -> Kept<'_> {
+        Kept {
+            addr: &self.addr,
+            name: self.name.as_deref(),
+            id: self.id,
+        }
+    }
+
+    /// Whether this is an address of `conf` (and `tag`) to `sockaddr`.
+    #[inline(always)]
+    fn is_of(&self, conf: usize, tag: usize, sockaddr: &[u8]) -> bool {
+        if self.conf != conf || self.tag != tag || self.socklen != sockaddr.len() {
             return false;
         }
         match head16(sockaddr) {
@@ -245,64 +275,79 @@ impl TlsAddresses {
     /// The address of `conf`'s connections to `sockaddr` under the TLS
     /// identity `id` (whose name, as read, is `id.name`): found, or built
     /// and kept if there is room. `Ok(None)`: no room, build it per try.
+    /// `tag` is the bucket tag of `conf`'s connections (a function of
+    /// `conf`: its protocol handler, or itself with `local`).
     #[inline]
     pub fn get(
         &mut self,
         conf: usize,
+        tag: usize,
         sockaddr: &[u8],
         id: &TlsIdentity,
-    ) -> Result<Option<&[u8]>, TooLong> {
+    ) -> Result<Option<Kept<'_>>, TooLong> {
         let hit = self
             .entries
             .get(self.recent)
-            .is_some_and(|e| e.is(conf, sockaddr, id.name));
+            .is_some_and(|e| e.is(conf, tag, sockaddr, id.name));
         if hit {
-            return Ok(self.entries.get(self.recent).map(|e| &*e.addr));
+            return Ok(self.entries.get(self.recent).map(|e| e.kept()));
         }
-        self.get_further(conf, sockaddr, id)
+        self.get_further(conf, tag, sockaddr, id)
     }
 
     #[inline(never)]
     fn get_further(
         &mut self,
         conf: usize,
+        tag: usize,
         sockaddr: &[u8],
         id: &TlsIdentity,
-    ) -> Result<Option<&[u8]>, TooLong> {
+    ) -> Result<Option<Kept<'_>>, TooLong> {
         if let Some(i) = self
             .entries
             .iter()
-            .position(|e| e.is(conf, sockaddr, id.name))
+            .position(|e| e.is(conf, tag, sockaddr, id.name))
         {
             self.recent = i;
-            return Ok(self.entries.get(i).map(|e| &*e.addr));
+            return Ok(self.entries.get(i).map(|e| e.kept()));
         }
         if self.entries.len() >= MAX_TLS_ADDRESSES {
             return Ok(None);
         }
         let mut out = [0u8; MAX_ADDR_LEN];
         let len = tls_address(sockaddr, id, &mut out)?;
-        self.entries.push(TlsEntry {
+        let addr: Box<[u8]> = Box::from(out.get(..len).unwrap_or_default());
+        // The id of an equal tag and identity kept before, or its own.
+        let same = self
+            .entries
+            .iter()
+            .find(|e| e.tag == tag && tls_part(&e.addr) == tls_part(&addr))
+            .map(|e| e.id);
+        let mut entry = Box::new(TlsEntry {
+            id: 0,
+            tag,
             conf,
             name: id.name.map(Box::from),
             socklen: sockaddr.len(),
             head: head16(sockaddr).unwrap_or(0),
-            addr: Box::from(out.get(..len).unwrap_or_default()),
+            addr,
         });
+        entry.id = same.unwrap_or(&*entry as *const TlsEntry as usize);
+        self.entries.push(entry);
         self.recent = self.entries.len() - 1;
-        Ok(self.entries.last().map(|e| &*e.addr))
+        Ok(self.entries.last().map(|e| e.kept()))
     }
 
-    /// The address found last, if it is `conf`'s to `sockaddr`, and the
+    /// The address found last, if it is `conf`'s (and `tag`'s) to `sockaddr`, and the
     /// name (as read) it was built for: the caller compares the name, or
     /// knows it cannot differ (`conf` uses none, or a constant one).
     #[inline(always)]
-    pub fn recent(&self, conf: usize, sockaddr: &[u8]) -> Option<(&[u8], Option<&[u8]>)> {
+    pub fn recent(&self, conf: usize, tag: usize, sockaddr: &[u8]) -> Option<Kept<'_>> {
         let e = self.entries.get(self.recent)?;
-        if !e.is_of(conf, sockaddr) {
+        if !e.is_of(conf, tag, sockaddr) {
             return None;
         }
-        Some((&e.addr, e.name.as_deref()))
+        Some(e.kept())
     }
 
     /// The addresses kept.
@@ -713,36 +758,67 @@ mod tests {
         for round in 0..2 {
             for (conf, sockaddr) in [(1, SIN), (2, SIN), (1, SIN6)] {
                 for id in &ids {
-                    let got = kept.get(conf, sockaddr, id).unwrap().unwrap().to_vec();
-                    assert_eq!(got, address(sockaddr, id), "round {round}");
+                    let got = kept.get(conf, 7, sockaddr, id).unwrap().unwrap();
+                    assert_eq!(got.addr, address(sockaddr, id), "round {round}");
+                    assert_eq!(got.name, id.name);
                 }
             }
         }
         // one per location, server and name as read
         assert_eq!(kept.len(), 12);
         // the last found: its location, server and name
-        let last = kept.get(2, SIN6, &ids[1]).unwrap().unwrap().to_vec();
-        assert_eq!(
-            kept.recent(2, SIN6),
-            Some((&last[..], Some(&b"b.test"[..])))
-        );
-        assert_eq!(kept.recent(1, SIN6), None);
-        assert_eq!(kept.recent(2, SIN), None);
-        assert_eq!(kept.recent(2, &SIN6[..27]), None);
+        let last = kept.get(2, 7, SIN6, &ids[1]).unwrap().unwrap();
+        assert_eq!(last.name, Some(&b"b.test"[..]));
+        let last = (last.addr.to_vec(), last.id);
+        let recent = kept.recent(2, 7, SIN6).unwrap();
+        assert_eq!((recent.addr.to_vec(), recent.id), last);
+        assert_eq!(kept.recent(1, 7, SIN6), None);
+        assert_eq!(kept.recent(2, 8, SIN6), None);
+        assert_eq!(kept.recent(2, 7, SIN), None);
+        assert_eq!(kept.recent(2, 7, &SIN6[..27]), None);
         // full: built per try by the caller
         for i in 0..MAX_TLS_ADDRESSES {
-            let _ = kept.get(100 + i, SIN, &ids[0]);
+            let _ = kept.get(100 + i, 7, SIN, &ids[0]);
         }
         assert_eq!(kept.len(), MAX_TLS_ADDRESSES);
-        assert_eq!(kept.get(1000, SIN, &ids[0]), Ok(None));
+        assert_eq!(kept.get(1000, 7, SIN, &ids[0]), Ok(None));
         assert_eq!(
-            kept.get(1, SIN, &ids[1]).unwrap().unwrap(),
+            kept.get(1, 7, SIN, &ids[1]).unwrap().unwrap().addr,
             &address(SIN, &ids[1])[..]
         );
         let long = [b'a'; MAX_ADDR_LEN];
         let mut fresh = TlsAddresses::default();
-        assert!(fresh.get(1, SIN, &tls(Some(&long))).is_err());
+        assert!(fresh.get(1, 7, SIN, &tls(Some(&long))).is_err());
         assert!(fresh.is_empty());
+    }
+
+    /// Ids are equal exactly when tags and identities are: other servers
+    /// and other locations of the same identity share them.
+    #[test]
+    fn ids_are_those_of_tag_and_identity() {
+        let mut kept = TlsAddresses::default();
+        let mut id = |conf, tag, sockaddr, name: &'static [u8]| {
+            kept.get(conf, tag, sockaddr, &tls(Some(name)))
+                .unwrap()
+                .unwrap()
+                .id
+        };
+        let a = id(1, 7, SIN, b"a.test");
+        assert_eq!(id(1, 7, SIN6, b"a.test"), a);
+        assert_eq!(id(2, 7, SIN, b"a.test"), a);
+        assert_eq!(id(2, 7, SIN, b"a.test:443"), a);
+        assert_ne!(id(1, 7, SIN, b"b.test"), a);
+        assert_ne!(id(3, 8, SIN, b"a.test"), a);
+        assert_eq!(id(1, 7, SIN, b"a.test"), a);
+        let distinct: std::collections::HashSet<_> = [
+            a,
+            id(1, 7, SIN, b"b.test"),
+            id(3, 8, SIN, b"a.test"),
+        ]
+        .into();
+        assert_eq!(distinct.len(), 3);
+        // an id is never a small number (a tag of another kind)
+        assert!(a > 4096);
     }
 
     #[test]
