@@ -114,11 +114,7 @@ impl PeerData {
             SliceState::Key => self.slice_key.as_bytes(),
             SliceState::Failed => return None,
         };
-        Some(BucketKey {
-            addr,
-            slice,
-            tag,
-        })
+        Some(BucketKey { addr, slice, tag })
     }
 
     /// The stamp of the TLS sessions of this request's identity, written
@@ -455,9 +451,9 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             }
         } else {
             // Per try: a TLS name may depend on the server chosen.
-            let addr = kp
-                .tls
-                .evaluate(kp.request, kp.upstream, pc, kp.tag, &mut idle.tls_addresses);
+            let addr =
+                kp.tls
+                    .evaluate(kp.request, kp.upstream, pc, kp.tag, &mut idle.tls_addresses);
             kp.bucket = match addr.and_then(|key| kp.bucket_key(key)) {
                 Some(key) => idle.cache.find(&key),
                 None => None,

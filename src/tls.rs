@@ -80,10 +80,10 @@ impl TlsKey {
     #[inline]
     fn tls_address(&self) -> Option<&[u8]> {
         match self {
-            // SAFETY: `len` bytes at `addr` were found or written by
-            // evaluate(), in memory that outlives the request (the
-            // upstream's, for the cycle) or lives as long as its pool.
             TlsKey::Tls(TlsState::Ready { addr, len, .. }) => {
+                // SAFETY: `len` bytes at `addr` were found or written by
+                // evaluate(), in memory that outlives the request (the
+                // upstream's, for the cycle) or lives as long as its pool.
                 Some(unsafe { core::slice::from_raw_parts(*addr, *len) })
             }
             _ => None,
@@ -97,12 +97,18 @@ impl TlsKey {
     /// # Safety
     /// `pc` must hold the balancer's choice for this try.
     #[inline]
-    pub unsafe fn key(&self, pc: *const ngx_peer_connection_t, tag: usize) -> Option<(&[u8], usize)> {
+    pub unsafe fn key(
+        &self,
+        pc: *const ngx_peer_connection_t,
+        tag: usize,
+    ) -> Option<(&[u8], usize)> {
         match self {
             // SAFETY: see above.
             TlsKey::Plain => Some((unsafe { sockaddr(pc) }, tag)),
-            // SAFETY: as above.
-            TlsKey::Tls(TlsState::Ready { id, .. }) if *id != 0 => Some((unsafe { sockaddr(pc) }, *id)),
+            TlsKey::Tls(TlsState::Ready { id, .. }) if *id != 0 => {
+                // SAFETY: as above.
+                Some((unsafe { sockaddr(pc) }, *id))
+            }
             TlsKey::Tls(_) => self.tls_address().map(|addr| (addr, tag)),
         }
     }
@@ -151,10 +157,12 @@ impl TlsKey {
                 // SAFETY: see above.
                 unsafe { evaluate_tls(state, r, u, pc, tag, kept) };
                 match state {
-                    // SAFETY: see above.
-                    TlsState::Ready { id, .. } if *id != 0 => Some((unsafe { sockaddr(pc) }, *id)),
-                    // SAFETY: as in tls_address().
+                    TlsState::Ready { id, .. } if *id != 0 => {
+                        // SAFETY: see above.
+                        Some((unsafe { sockaddr(pc) }, *id))
+                    }
                     TlsState::Ready { addr, len, .. } => {
+                        // SAFETY: as in tls_address().
                         Some((unsafe { core::slice::from_raw_parts(*addr, *len) }, tag))
                     }
                     _ => None,

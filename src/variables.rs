@@ -18,11 +18,10 @@ use core::ptr;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 use ngx::ffi::{
-    __BindgenBitfieldUnit, ngx_conf_t, ngx_cycle_t,
-    ngx_http_add_variable, ngx_http_conf_ctx_t, ngx_http_core_module, ngx_http_module,
-    ngx_http_request_t, ngx_http_upstream_state_t,
-    ngx_http_variable_value_t, ngx_int_t, ngx_palloc, ngx_pnalloc, ngx_pool_cleanup_t, ngx_pool_t, ngx_str_t, ngx_uint_t,
-    NGX_HTTP_VAR_INDEXED, NGX_HTTP_VAR_NOCACHEABLE,
+    __BindgenBitfieldUnit, ngx_conf_t, ngx_cycle_t, ngx_http_add_variable, ngx_http_conf_ctx_t,
+    ngx_http_core_module, ngx_http_module, ngx_http_request_t, ngx_http_upstream_state_t,
+    ngx_http_variable_value_t, ngx_int_t, ngx_palloc, ngx_pnalloc, ngx_pool_cleanup_t, ngx_pool_t,
+    ngx_str_t, ngx_uint_t, NGX_HTTP_VAR_INDEXED, NGX_HTTP_VAR_NOCACHEABLE,
 };
 
 use ngx::core::Status;

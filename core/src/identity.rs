@@ -193,7 +193,8 @@ pub const MAX_TLS_ADDRESSES: usize = 32;
 /// address it found, without copying it.
 #[derive(Default)]
 pub struct TlsAddresses {
-    /// Boxed: an entry's address is its identity's id, stable.
+    /// Boxed: an entry's address is its identity's id, and must not move.
+    #[allow(clippy::vec_box)]
     entries: Vec<Box<TlsEntry>>,
     /// The entry found last: every try of a lone server and location.
     recent: usize,
@@ -810,12 +811,8 @@ mod tests {
         assert_ne!(id(1, 7, SIN, b"b.test"), a);
         assert_ne!(id(3, 8, SIN, b"a.test"), a);
         assert_eq!(id(1, 7, SIN, b"a.test"), a);
-        let distinct: std::collections::HashSet<_> = [
-            a,
-            id(1, 7, SIN, b"b.test"),
-            id(3, 8, SIN, b"a.test"),
-        ]
-        .into();
+        let distinct: std::collections::HashSet<_> =
+            [a, id(1, 7, SIN, b"b.test"), id(3, 8, SIN, b"a.test")].into();
         assert_eq!(distinct.len(), 3);
         // an id is never a small number (a tag of another kind)
         assert!(a > 4096);

@@ -572,7 +572,21 @@ mod tests {
 
     #[test]
     fn decimals() {
-        for n in [0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 12345, 100000, u64::MAX] {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            11,
+            99,
+            100,
+            101,
+            999,
+            1000,
+            12345,
+            100000,
+            u64::MAX,
+        ] {
             assert_eq!(decimal(n, &mut [0; 20]), n.to_string().as_bytes(), "{n}");
         }
     }
