@@ -339,21 +339,62 @@ unsafe extern "C" fn variable(
             d if d == TryField::Requests as usize => TryField::Requests,
             _ => TryField::Key,
         };
-        let state = (*states).as_slice::<ngx_http_upstream_state_t>();
-        let has_peer = |i: usize| state.get(i).is_some_and(|s| !s.peer.is_null());
-        let Some((tries, log)) = tries_of(r) else {
-            return Status::NGX_ERROR.0;
-        };
 
-        // One try, of ours: its values as they are (the common case), the
-        // other variables' too (`lone_try`).
-        if let ([only], [_]) = (tries, state) {
-            if only.state == 0 && !log.is_null() {
-                lone_try(r, v, field, only, &mut (*log).digits);
+        // One try, of ours, in the request's only log: its values as they
+        // are (the common case), the other variables' too (`lone_try`).
+        if (*states).nelts == 1 {
+            let log = lone_log(r);
+            if !log.is_null() {
+                let log = &mut *log;
+                lone_try(r, v, field, &*log.tries, &mut log.digits);
                 return Status::NGX_OK.0;
             }
         }
+        joined(r, v, field)
+    }
+}
 
+/// The request's only try log, if it holds one try, the request's first
+/// (null otherwise).
+///
+/// # Safety
+/// `r` must be a live request.
+#[inline(always)]
+unsafe fn lone_log(r: *mut ngx_http_request_t) -> *mut TryLog {
+    // SAFETY: the logs live in the request pool.
+    unsafe {
+        let (mut logs, mut last) = (0usize, ptr::null_mut::<TryLog>());
+        for_each_log(r, |log| {
+            logs += 1;
+            last = log;
+        });
+        if logs == 1 && (*last).len == 1 && (*(*last).tries).state == 0 {
+            last
+        } else {
+            ptr::null_mut()
+        }
+    }
+}
+
+/// The value of `field` joined over the request's upstream states, into
+/// the request pool.
+///
+/// # Safety
+/// `r` must be a live request with upstream states, `v` its value.
+#[inline(never)]
+unsafe fn joined(
+    r: *mut ngx_http_request_t,
+    v: &mut ngx_http_variable_value_t,
+    field: TryField,
+) -> ngx_int_t {
+    // SAFETY: see above.
+    unsafe {
+        let states = (*r).upstream_states;
+        let state = (*states).as_slice::<ngx_http_upstream_state_t>();
+        let has_peer = |i: usize| state.get(i).is_some_and(|s| !s.peer.is_null());
+        let Some((tries, _)) = tries_of(r) else {
+            return Status::NGX_ERROR.0;
+        };
         let mut length = Length::default();
         join_tries(field, state.len(), has_peer, tries, &mut length);
         let p = ngx_pnalloc((*r).pool, length.0.max(1)) as *mut u8;
