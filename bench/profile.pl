@@ -18,7 +18,8 @@
 #   PROFILE_REQUESTS (2000), PROFILE_KEEP=1 keeps the directory (and the
 #   callgrind.out files, for callgrind_annotate/kcachegrind),
 #   PROFILE_CALLGRIND_ARGS (e.g. --dump-instr=yes, for per-instruction
-#   counts)
+#   counts), PROFILE_PORT (fixed ports from there on, see below),
+#   PROFILE_ONLY (a regexp on the configuration names)
 
 use v5.36;
 use strict;
@@ -56,7 +57,13 @@ my $tmp = scratch_dir('nginx-keepalive-slice-profile', 'PROFILE_KEEP');
 ($NGINX, $SO) = copies_in($tmp, $NGINX, $SO);
 my $USER = $> == 0 ? 'user root;' : '';
 
-my @ports = free_ports(3 + $SERVERS);
+# PROFILE_PORT=P: ports P, P+1, ... instead of free ones. The sliced rows
+# depend on the ports (a port is part of each hashed key, and how many of
+# the 16 keys share a hash chain changes with it): two builds compare
+# exactly only on the same ports.
+my @ports = $ENV{PROFILE_PORT}
+	? map { $ENV{PROFILE_PORT} + $_ } 0 .. 2 + $SERVERS
+	: free_ports(3 + $SERVERS);
 my ($front_port, $backend_port, $tls_port) = splice @ports, 0, 3;
 my @server_ports = @ports;
 

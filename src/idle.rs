@@ -21,6 +21,7 @@ use ngx::core::Status;
 
 use keepalive_slice_core::args::MAX_CONNECTIONS;
 use keepalive_slice_core::cache::{boxed_slice, IdleCache, Shape};
+use keepalive_slice_core::identity::TlsAddresses;
 use keepalive_slice_core::registry::Ticket;
 use keepalive_slice_core::stats::{Closed, Counter, UpstreamStats};
 
@@ -125,6 +126,8 @@ pub struct IdleState {
     /// The upstream's identity in the registry (its configuration's
     /// address: the same in every worker of one configuration).
     pub upstream: usize,
+    /// The TLS addresses of its connections built so far (see `tls`).
+    pub tls_addresses: TlsAddresses,
 }
 
 impl IdleState {
@@ -151,6 +154,7 @@ impl IdleState {
             session_nonce: session_nonce(),
             share: false,
             upstream: 0,
+            tls_addresses: TlsAddresses::default(),
         })
     }
 

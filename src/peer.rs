@@ -38,7 +38,7 @@ use crate::module::{allocate, served_conf, Module};
 use crate::session;
 use crate::share;
 use crate::tls::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
-use crate::variables;
+use crate::variables::{self, TryLog, TRY_LOG_SIZE};
 
 /// Per-request peer data, from the request pool.
 struct PeerData {
@@ -79,6 +79,13 @@ struct PeerData {
     original_save_session: ngx_event_save_peer_session_pt,
 }
 
+/// The try log allocated after `kp` by init peer when its upstream's
+/// `log_tries` is set (fixed for the cycle, as `kp.conf`).
+#[inline(always)]
+fn try_log(kp: *const PeerData) -> *mut TryLog {
+    kp.wrapping_add(1).cast_mut().cast()
+}
+
 /// nginx's `NGX_PEER_FAILED`, in the type of free peer's `state`.
 const NGX_PEER_FAILED: ngx_uint_t = ngx::ffi::NGX_PEER_FAILED as ngx_uint_t;
 
@@ -99,19 +106,15 @@ enum SliceState {
 }
 
 impl PeerData {
-    /// The bucket of this request's connection to `addr` (see
+    /// The bucket of this request's connection to `addr` under `tag` (see
     /// `TlsKey::evaluate`).
-    fn bucket_key<'a>(&'a self, addr: &'a [u8]) -> Option<BucketKey<'a>> {
+    fn bucket_key<'a>(&'a self, (addr, tag): (&'a [u8], usize)) -> Option<BucketKey<'a>> {
         let slice = match self.slice_state {
             SliceState::Unsliced => &[][..],
             SliceState::Key => self.slice_key.as_bytes(),
             SliceState::Failed => return None,
         };
-        Some(BucketKey {
-            addr,
-            slice,
-            tag: self.tag,
-        })
+        Some(BucketKey { addr, slice, tag })
     }
 
     /// The stamp of the TLS sessions of this request's identity, written
@@ -302,9 +305,16 @@ unsafe extern "C" fn init_peer(
         debug_http!(log, "init keepalive slice peer");
 
         let kcf = served_conf(us);
-        let kp = ngx_palloc((*r).pool, size_of::<PeerData>()) as *mut PeerData;
+        // With $upstream_keepalive_* in use, the tries are logged right
+        // after the peer data (`try_log`).
+        let log_tries = (*(*kcf).idle).log_tries;
+        let size = size_of::<PeerData>() + if log_tries { TRY_LOG_SIZE } else { 0 };
+        let kp = ngx_palloc((*r).pool, size) as *mut PeerData;
         if kp.is_null() {
             return Status::NGX_ERROR.0;
+        }
+        if log_tries {
+            variables::start_log(r, try_log(kp));
         }
 
         if ((*kcf).original_init_peer)(r, us) != Status::NGX_OK.0 {
@@ -489,8 +499,10 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             }
         } else {
             // Per try: a TLS name may depend on the server chosen.
-            let addr = kp.tls.evaluate(kp.request, kp.upstream, pc);
-            kp.bucket = match addr.and_then(|addr| kp.bucket_key(addr)) {
+            let addr =
+                kp.tls
+                    .evaluate(kp.request, kp.upstream, pc, kp.tag, &mut idle.tls_addresses);
+            kp.bucket = match addr.and_then(|key| kp.bucket_key(key)) {
                 Some(key) => idle.cache.find(&key),
                 None => None,
             };
@@ -533,6 +545,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
             // nginx counts this request on the connection right after.
             let requests = taken.map_or(1, |c| (*c).requests + 1);
             variables::record_try(
+                try_log(kp),
                 kp.request,
                 taken.is_some(),
                 shared,
@@ -1001,7 +1014,7 @@ unsafe fn store_by_key(
 ) -> Option<usize> {
     // SAFETY: see above.
     unsafe {
-        let Some(key) = kp.tls.address(pc).and_then(|addr| kp.bucket_key(addr)) else {
+        let Some(key) = kp.tls.key(pc, kp.tag).and_then(|key| kp.bucket_key(key)) else {
             idle.count(Counter::NotKept(NotKept::Error));
             return None;
         };
@@ -1069,7 +1082,7 @@ fn not_kept_because(refusal: &Refusal) -> NotKept {
 /// `pc` holds a connection of the live request of `kp`.
 #[inline(always)]
 unsafe fn tls_keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut ngx_log_t) -> bool {
-    let TlsKey::Tls { state, .. } = &kp.tls else {
+    let TlsKey::Tls(state) = &kp.tls else {
         return true;
     };
     match state {

@@ -16,8 +16,8 @@ use ngx::ffi::{ngx_http_complex_value, ngx_http_complex_value_t, ngx_pnalloc};
 use ngx::core::Status;
 
 #[cfg(ngx_feature = "http_ssl")]
-use keepalive_slice_core::identity::{tls_address, TlsIdentity, MAX_ADDR_LEN};
-use keepalive_slice_core::identity::{tls_part, Describe, Escaped};
+use keepalive_slice_core::identity::{same_bytes, tls_address, TlsIdentity, MAX_ADDR_LEN};
+use keepalive_slice_core::identity::{tls_name, tls_part, Describe, Escaped, TlsAddresses};
 
 /// The protocol a request speaks to its upstream: its `create_request`,
 /// which each upstream module sets to its own (proxy over HTTP/1.x, proxy
@@ -36,15 +36,21 @@ pub unsafe fn protocol(u: *const ngx_http_upstream_t) -> usize {
 pub enum TlsKey {
     /// A plain connection: the socket address alone.
     Plain,
-    /// A TLS connection: its address is built into `buf` (from the request
-    /// pool, `MAX_ADDR_LEN` bytes) by [`TlsKey::evaluate`] for each try.
-    Tls { buf: *mut u8, state: TlsState },
+    /// A TLS connection: its address is found or built by
+    /// [`TlsKey::evaluate`] for each try.
+    Tls(TlsState),
 }
 
 pub enum TlsState {
-    /// `len` bytes of the buffer; `name` is the name nginx sends or checks
-    /// (`None` when it uses none).
-    Ready { len: usize, name: Option<ngx_str_t> },
+    /// `len` bytes at `addr`: an address the upstream keeps for the cycle
+    /// (`identity::TlsAddresses`), whose connections are keyed by their
+    /// socket address and the kept address's `id` as their tag, or (`id`
+    /// 0) one built for this try in the request pool, which is their key.
+    Ready {
+        addr: *const u8,
+        len: usize,
+        id: usize,
+    },
     /// Not evaluated yet, or evaluating failed: neither taken nor kept.
     Failed,
     /// Longer than a bucket holds: neither taken nor kept.
@@ -52,48 +58,58 @@ pub enum TlsState {
 }
 
 impl TlsKey {
-    /// The key of request `r`: `Plain` unless its upstream is TLS; for TLS,
-    /// the buffer its identity is built in, once per request (nothing is
-    /// allocated for plain upstreams).
+    /// The key of request `r`: `Plain` unless its upstream is TLS (nothing
+    /// is allocated: see [`TlsKey::evaluate`]).
     ///
     /// # Safety
     /// `r` and `u` must be live, `u` the request's upstream.
+    #[inline]
     pub unsafe fn new(r: *mut ngx_http_request_t, u: *const ngx_http_upstream_t) -> Self {
         #[cfg(ngx_feature = "http_ssl")]
         // SAFETY: see above.
         unsafe {
             if (*u).ssl() != 0 {
-                let buf = ngx_pnalloc((*r).pool, MAX_ADDR_LEN) as *mut u8;
-                return TlsKey::Tls {
-                    buf,
-                    state: TlsState::Failed,
-                };
+                return TlsKey::Tls(TlsState::Failed);
             }
         }
         let _ = (r, u);
         TlsKey::Plain
     }
 
-    /// The address the connection in `pc` is kept under, `None` when it
-    /// cannot be (the TLS identity failed or does not fit).
+    /// The TLS address of the current try, `None` if plain or unusable.
+    #[inline]
+    fn tls_address(&self) -> Option<&[u8]> {
+        match self {
+            TlsKey::Tls(TlsState::Ready { addr, len, .. }) => {
+                // SAFETY: `len` bytes at `addr` were found or written by
+                // evaluate(), in memory that outlives the request (the
+                // upstream's, for the cycle) or lives as long as its pool.
+                Some(unsafe { core::slice::from_raw_parts(*addr, *len) })
+            }
+            _ => None,
+        }
+    }
+
+    /// The address and tag the connection in `pc` is kept under (`tag`:
+    /// the request's bucket tag), `None` when it cannot be (the TLS
+    /// identity failed or does not fit).
     ///
     /// # Safety
     /// `pc` must hold the balancer's choice for this try.
     #[inline]
-    pub unsafe fn address(&self, pc: *const ngx_peer_connection_t) -> Option<&[u8]> {
+    pub unsafe fn key(
+        &self,
+        pc: *const ngx_peer_connection_t,
+        tag: usize,
+    ) -> Option<(&[u8], usize)> {
         match self {
             // SAFETY: see above.
-            TlsKey::Plain => Some(unsafe { sockaddr(pc) }),
-            TlsKey::Tls {
-                buf,
-                state: TlsState::Ready { len, .. },
-            } => {
-                // SAFETY: `len` bytes of the request-pool buffer were
-                // written by evaluate(); the pool outlives the request's
-                // peer callbacks.
-                Some(unsafe { core::slice::from_raw_parts(*buf, *len) })
+            TlsKey::Plain => Some((unsafe { sockaddr(pc) }, tag)),
+            TlsKey::Tls(TlsState::Ready { id, .. }) if *id != 0 => {
+                // SAFETY: as above.
+                Some((unsafe { sockaddr(pc) }, *id))
             }
-            TlsKey::Tls { .. } => None,
+            TlsKey::Tls(_) => self.tls_address().map(|addr| (addr, tag)),
         }
     }
 
@@ -106,58 +122,48 @@ impl TlsKey {
     /// The TLS identity of the current try, `None` when there is none to
     /// use (plain, not evaluated, failed, too long).
     pub fn identity_checked(&self) -> Option<&[u8]> {
-        match self {
-            TlsKey::Tls {
-                buf,
-                state: TlsState::Ready { len, .. },
-            } => {
-                // SAFETY: as in address().
-                Some(tls_part(unsafe { core::slice::from_raw_parts(*buf, *len) }))
-            }
-            _ => None,
-        }
+        self.tls_address().map(tls_part)
     }
 
     /// The name nginx sends or verifies for this identity.
     pub fn name(&self) -> Option<&[u8]> {
-        match self {
-            TlsKey::Tls {
-                state: TlsState::Ready {
-                    name: Some(name), ..
-                },
-                ..
-            } => Some(name.as_bytes()),
-            _ => None,
-        }
+        self.tls_address().and_then(tls_name)
     }
 
-    /// The address the connection of this try is kept under (the
-    /// balancer has chosen the server in `pc`): for TLS, the identity is
-    /// built first, from the values nginx will use if it opens a new one.
+    /// The address and tag the connection of this try is kept under (the
+    /// balancer has chosen the server in `pc`; `tag` is the request's
+    /// bucket tag): for TLS, the identity is read first, from the values
+    /// nginx will use if it opens a new one, and its address found among
+    /// those the upstream keeps (`kept`) or built (see [`TlsKey::key`]).
     /// `None` when the connection cannot be kept or taken.
     ///
     /// # Safety
     /// `r` and `u` must be live, `u` the request's upstream and `pc` its
-    /// peer; the address lives as long as the request's pool and `pc`'s
-    /// choice.
+    /// peer, `kept` its upstream's; the address lives as long as the
+    /// request's pool and `pc`'s choice.
     #[inline]
     pub unsafe fn evaluate<'a>(
         &mut self,
         r: *mut ngx_http_request_t,
         u: *mut ngx_http_upstream_t,
         pc: *const ngx_peer_connection_t,
-    ) -> Option<&'a [u8]> {
+        tag: usize,
+        kept: &mut TlsAddresses,
+    ) -> Option<(&'a [u8], usize)> {
         match self {
             // SAFETY: see above.
-            TlsKey::Plain => Some(unsafe { sockaddr(pc) }),
-            TlsKey::Tls { buf, state } => {
+            TlsKey::Plain => Some((unsafe { sockaddr(pc) }, tag)),
+            TlsKey::Tls(state) => {
                 // SAFETY: see above.
-                unsafe { evaluate_tls(*buf, state, r, u, pc) };
+                unsafe { evaluate_tls(state, r, u, pc, tag, kept) };
                 match state {
-                    TlsState::Ready { len, .. } => {
-                        // SAFETY: `len` bytes of the request-pool buffer
-                        // were just written.
-                        Some(unsafe { core::slice::from_raw_parts(*buf, *len) })
+                    TlsState::Ready { id, .. } if *id != 0 => {
+                        // SAFETY: see above.
+                        Some((unsafe { sockaddr(pc) }, *id))
+                    }
+                    TlsState::Ready { addr, len, .. } => {
+                        // SAFETY: as in tls_address().
+                        Some((unsafe { core::slice::from_raw_parts(*addr, *len) }, tag))
                     }
                     _ => None,
                 }
@@ -176,43 +182,138 @@ pub unsafe fn sockaddr<'a>(pc: *const ngx_peer_connection_t) -> &'a [u8] {
     unsafe { core::slice::from_raw_parts((*pc).sockaddr as *const u8, (*pc).socklen as usize) }
 }
 
-/// [`TlsKey::evaluate`] for TLS: `state` becomes what was built in `buf`.
+/// [`TlsKey::evaluate`] for TLS: `state` becomes the address found or
+/// built. Without a variable client certificate, the identity of a
+/// location, server and name (as read) is always the same: its address is
+/// built once and kept by the upstream (`kept`), found again by comparing
+/// the name. Otherwise (or when `kept` is full) it is built per try into
+/// the request pool, at its own length.
 ///
 /// # Safety
-/// As for [`TlsKey::evaluate`]; `buf` is null or `MAX_ADDR_LEN` bytes.
-#[inline(never)]
+/// As for [`TlsKey::evaluate`].
+#[inline(always)]
 unsafe fn evaluate_tls(
-    buf: *mut u8,
     state: &mut TlsState,
     r: *mut ngx_http_request_t,
     u: *mut ngx_http_upstream_t,
     pc: *const ngx_peer_connection_t,
+    tag: usize,
+    kept: &mut TlsAddresses,
 ) {
-    *state = TlsState::Failed;
     #[cfg(ngx_feature = "http_ssl")]
     // SAFETY: see above.
     unsafe {
-        if buf.is_null() {
-            return;
+        let sock = sockaddr(pc);
+        // The address found last, if its location and server are this
+        // try's, without reading the rest: a location's settings and its
+        // static certificate do not change (a location with a variable one
+        // has no address kept), nor, when the location uses no name, the
+        // name; the upstream's name (`u->ssl_name`) or a name without
+        // variables is compared. A variable name is evaluated first.
+        if let Some(found) = kept.recent((*u).conf as usize, tag, sock) {
+            let name = found.name;
+            let conf = &*(*u).conf;
+            let same = if conf.ssl_verify == 0 && conf.ssl_server_name == 0 {
+                true
+            } else {
+                // A name without variables is its value, as
+                // ngx_http_complex_value() gives it.
+                let ssl_name = if conf.ssl_name.is_null() {
+                    Some((*u).ssl_name.as_bytes())
+                } else if (*conf.ssl_name).lengths.is_null() {
+                    Some((*conf.ssl_name).value.as_bytes())
+                } else {
+                    None
+                };
+                matches!((name, ssl_name), (Some(n), Some(s)) if same_bytes(n, s, n.len()))
+            };
+            if same {
+                *state = TlsState::Ready {
+                    addr: found.addr.as_ptr(),
+                    len: found.addr.len(),
+                    id: found.id,
+                };
+                return;
+            }
         }
-        let out = core::slice::from_raw_parts_mut(buf, MAX_ADDR_LEN);
+        evaluate_read(state, r, u, sock, tag, kept);
+    }
+    #[cfg(not(ngx_feature = "http_ssl"))]
+    {
+        *state = TlsState::Failed;
+        let _ = (r, u, pc, tag, kept);
+    }
+}
+
+/// [`evaluate_tls`] past the address found last: the values read, the
+/// address found or built.
+///
+/// # Safety
+/// As for [`TlsKey::evaluate`].
+#[cfg(ngx_feature = "http_ssl")]
+#[inline(never)]
+unsafe fn evaluate_read(
+    state: &mut TlsState,
+    r: *mut ngx_http_request_t,
+    u: *mut ngx_http_upstream_t,
+    sock: &[u8],
+    tag: usize,
+    kept: &mut TlsAddresses,
+) {
+    *state = TlsState::Failed;
+    // SAFETY: see above.
+    unsafe {
         let Some(values) = Values::read(r, u) else {
             return;
         };
         let id = values.identity();
-        *state = match tls_address(sockaddr(pc), &id, out) {
-            Ok(len) => TlsState::Ready {
-                len,
-                name: id.effective_name().map(|n| ngx_str_t {
-                    len: n.len(),
-                    data: n.as_ptr().cast_mut(),
-                }),
-            },
-            Err(too_long) => TlsState::TooLong(too_long.len),
-        };
+        if values.certificate.is_none() {
+            match kept.get((*u).conf as usize, tag, sock, &id) {
+                Ok(Some(found)) => {
+                    *state = TlsState::Ready {
+                        addr: found.addr.as_ptr(),
+                        len: found.addr.len(),
+                        id: found.id,
+                    };
+                    return;
+                }
+                Ok(None) => {}
+                Err(too_long) => {
+                    *state = TlsState::TooLong(too_long.len);
+                    return;
+                }
+            }
+        }
+        build_tls(state, r, sock, &id);
     }
-    #[cfg(not(ngx_feature = "http_ssl"))]
-    let _ = (buf, r, u, pc);
+}
+
+/// The address of identity `id` built for this try, in the request pool.
+///
+/// # Safety
+/// `r` must be live.
+#[cfg(ngx_feature = "http_ssl")]
+#[inline(never)]
+unsafe fn build_tls(
+    state: &mut TlsState,
+    r: *mut ngx_http_request_t,
+    sock: &[u8],
+    id: &TlsIdentity,
+) {
+    let mut out = [0u8; MAX_ADDR_LEN];
+    *state = match tls_address(sock, id, &mut out) {
+        Ok(len) => {
+            // SAFETY: r is live; the copy lives as long as its pool.
+            let addr = unsafe { ngx_pnalloc((*r).pool, len) } as *mut u8;
+            if addr.is_null() {
+                return;
+            }
+            // SAFETY: `len` bytes, written above, into as many.
+            unsafe { core::ptr::copy_nonoverlapping(out.as_ptr(), addr, len) };
+            TlsState::Ready { addr, len, id: 0 }
+        }
+        Err(too_long) => TlsState::TooLong(too_long.len),
+    };
 }
 
 /// The values of `ngx_http_upstream_ssl_init_connection()`, evaluated.
@@ -232,6 +333,7 @@ impl Values {
     ///
     /// # Safety
     /// `r` and `u` must be live, `u` the request's upstream.
+    #[inline(always)]
     unsafe fn read(r: *mut ngx_http_request_t, u: *mut ngx_http_upstream_t) -> Option<Self> {
         // SAFETY: u->conf is the location's upstream configuration; its
         // complex values are evaluated as nginx does.
@@ -286,6 +388,7 @@ impl Values {
         }
     }
 
+    #[inline(always)]
     fn identity(&self) -> TlsIdentity<'_> {
         TlsIdentity {
             context: self.context,

@@ -167,6 +167,213 @@ pub fn tls_part(addr: &[u8]) -> &[u8] {
     }
 }
 
+/// The TLS name encoded in an address made by [`tls_address`], `None`
+/// when the identity holds none (or `addr` is a plain socket address).
+#[inline]
+pub fn tls_name(addr: &[u8]) -> Option<&[u8]> {
+    let mut r = Reader(tls_part(addr));
+    let (_, flags) = (r.take(8)?, r.take(1)?);
+    if flags.first()? & HAS_NAME == 0 {
+        return None;
+    }
+    r.field()
+}
+
+/// How many built TLS addresses an upstream keeps per worker
+/// ([`TlsAddresses`]); the identities past them are built per try.
+pub const MAX_TLS_ADDRESSES: usize = 32;
+
+/// TLS addresses built once and kept for the cycle, per upstream and
+/// worker: the address of a location (its upstream configuration, `conf`),
+/// a server's socket address and the name nginx uses, when nothing else
+/// of the identity can change per request (no variable client
+/// certificate). The name is compared as read, byte for byte, so a
+/// variable name finds the address of its own value only. Entries are
+/// never changed nor dropped before the cycle's end: a request keeps the
+/// address it found, without copying it.
+#[derive(Default)]
+pub struct TlsAddresses {
+    /// Boxed: an entry's address is its identity's id, and must not move.
+    #[allow(clippy::vec_box)]
+    entries: Vec<Box<TlsEntry>>,
+    /// The entry found last: every try of a lone server and location.
+    recent: usize,
+}
+
+/// An address kept, for [`TlsAddresses::get`] and
+/// [`TlsAddresses::recent`]: its bytes, the name (as read) it was built
+/// for, and the id of its bucket tag and TLS identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kept<'a> {
+    /// The TLS address ([`tls_address`]).
+    pub addr: &'a [u8],
+    pub name: Option<&'a [u8]>,
+    /// Equal for two addresses exactly when their bucket tags and TLS
+    /// identities (not their socket addresses) are equal; never the
+    /// address of anything else alive (it is an entry's), so never a
+    /// plain connection's tag (a protocol handler or a location
+    /// configuration): a TLS connection can be keyed by its socket address
+    /// and this id as its tag.
+    pub id: usize,
+}
+
+struct TlsEntry {
+    /// The first entry's id of its tag and identity.
+    id: usize,
+    tag: usize,
+    conf: usize,
+    /// The name as read, `None` when nginx uses none.
+    name: Option<Box<[u8]>>,
+    /// The socket address's length: the address holds it at offset 4.
+    socklen: usize,
+    /// A 16-byte socket address (`sockaddr_in`) as one word, 0 otherwise.
+    head: u128,
+    addr: Box<[u8]>,
+}
+
+/// A 16-byte socket address as one word.
+#[inline(always)]
+fn head16(sockaddr: &[u8]) -> Option<u128> {
+    match sockaddr.first_chunk::<16>() {
+        Some(head) if sockaddr.len() == 16 => Some(u128::from_ne_bytes(*head)),
+        _ => None,
+    }
+}
+
+impl TlsEntry {
+    #[inline(always)]
+    fn is(&self, conf: usize, tag: usize, sockaddr: &[u8], name: Option<&[u8]>) -> bool {
+        self.is_of(conf, tag, sockaddr) && self.name.as_deref() == name
+    }
+
+    #[inline(always)]
+    fn kept(&self) -> Kept<'_> {
+        Kept {
+            addr: &self.addr,
+            name: self.name.as_deref(),
+            id: self.id,
+        }
+    }
+
+    /// Whether this is an address of `conf` (and `tag`) to `sockaddr`.
+    #[inline(always)]
+    fn is_of(&self, conf: usize, tag: usize, sockaddr: &[u8]) -> bool {
+        if self.conf != conf || self.tag != tag || self.socklen != sockaddr.len() {
+            return false;
+        }
+        match head16(sockaddr) {
+            Some(head) => head == self.head,
+            None => {
+                self.addr
+                    .get(TLS_ADDRESS_HEADER..TLS_ADDRESS_HEADER + sockaddr.len())
+                    == Some(sockaddr)
+            }
+        }
+    }
+}
+
+impl TlsAddresses {
+    /// The address of `conf`'s connections to `sockaddr` under the TLS
+    /// identity `id` (whose name, as read, is `id.name`): found, or built
+    /// and kept if there is room. `Ok(None)`: no room, build it per try.
+    /// `tag` is the bucket tag of `conf`'s connections (a function of
+    /// `conf`: its protocol handler, or itself with `local`).
+    #[inline]
+    pub fn get(
+        &mut self,
+        conf: usize,
+        tag: usize,
+        sockaddr: &[u8],
+        id: &TlsIdentity,
+    ) -> Result<Option<Kept<'_>>, TooLong> {
+        let hit = self
+            .entries
+            .get(self.recent)
+            .is_some_and(|e| e.is(conf, tag, sockaddr, id.name));
+        if hit {
+            return Ok(self.entries.get(self.recent).map(|e| e.kept()));
+        }
+        self.get_further(conf, tag, sockaddr, id)
+    }
+
+    #[inline(never)]
+    fn get_further(
+        &mut self,
+        conf: usize,
+        tag: usize,
+        sockaddr: &[u8],
+        id: &TlsIdentity,
+    ) -> Result<Option<Kept<'_>>, TooLong> {
+        if let Some(i) = self
+            .entries
+            .iter()
+            .position(|e| e.is(conf, tag, sockaddr, id.name))
+        {
+            self.recent = i;
+            return Ok(self.entries.get(i).map(|e| e.kept()));
+        }
+        if self.entries.len() >= MAX_TLS_ADDRESSES {
+            return Ok(None);
+        }
+        let mut out = [0u8; MAX_ADDR_LEN];
+        let len = tls_address(sockaddr, id, &mut out)?;
+        let addr: Box<[u8]> = Box::from(out.get(..len).unwrap_or_default());
+        // The id of an equal tag and identity kept before, or its own.
+        let same = self
+            .entries
+            .iter()
+            .find(|e| e.tag == tag && tls_part(&e.addr) == tls_part(&addr))
+            .map(|e| e.id);
+        let mut entry = Box::new(TlsEntry {
+            id: 0,
+            tag,
+            conf,
+            name: id.name.map(Box::from),
+            socklen: sockaddr.len(),
+            head: head16(sockaddr).unwrap_or(0),
+            addr,
+        });
+        entry.id = same.unwrap_or(&*entry as *const TlsEntry as usize);
+        self.entries.push(entry);
+        self.recent = self.entries.len() - 1;
+        Ok(self.entries.last().map(|e| e.kept()))
+    }
+
+    /// The address found last, if it is `conf`'s (and `tag`'s) to `sockaddr`, and the
+    /// name (as read) it was built for: the caller compares the name, or
+    /// knows it cannot differ (`conf` uses none, or a constant one).
+    #[inline(always)]
+    pub fn recent(&self, conf: usize, tag: usize, sockaddr: &[u8]) -> Option<Kept<'_>> {
+        let e = self.entries.get(self.recent)?;
+        if !e.is_of(conf, tag, sockaddr) {
+            return None;
+        }
+        Some(e.kept())
+    }
+
+    /// The addresses kept.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Whether the first `len` bytes of `a` are `b` (`b.len()` is `len`): a
+/// `sockaddr_in` as one 16-byte word, without a `memcmp` call.
+#[inline(always)]
+pub fn same_bytes(a: &[u8], b: &[u8], len: usize) -> bool {
+    if b.len() != len {
+        return false;
+    }
+    if let (16, Some(x), Some(y)) = (len, a.first_chunk::<16>(), b.first_chunk::<16>()) {
+        return u128::from_ne_bytes(*x) == u128::from_ne_bytes(*y);
+    }
+    a.get(..len) == Some(b)
+}
+
 /// Longest stamp of a TLS session ([`session_stamp`]).
 pub const MAX_SESSION_STAMP: usize = 16 + MAX_ADDR_LEN;
 
@@ -524,6 +731,91 @@ mod tests {
         let longest = [0u8; MAX_ADDR_LEN];
         assert!(session_stamp(1, 2, &longest, &mut [0u8; MAX_SESSION_STAMP]).is_some());
         assert!(session_stamp(1, 2, &longest, &mut [0u8; MAX_SESSION_STAMP - 1]).is_none());
+    }
+
+    #[test]
+    fn names_are_read_back() {
+        let a = address(SIN, &tls(Some(b"a.test:8443")));
+        assert_eq!(tls_name(&a), Some(&b"a.test"[..]));
+        assert_eq!(tls_name(&address(SIN, &tls(None))), None);
+        assert_eq!(tls_name(SIN), None);
+        let off = TlsIdentity {
+            verify: false,
+            server_name: false,
+            ..tls(Some(b"a"))
+        };
+        assert_eq!(tls_name(&address(SIN, &off)), None);
+    }
+
+    #[test]
+    fn kept_addresses_are_those_built() {
+        let mut kept = TlsAddresses::default();
+        let ids = [
+            tls(Some(b"a.test")),
+            tls(Some(b"b.test")),
+            tls(Some(b"a.test:443")),
+            tls(None),
+        ];
+        for round in 0..2 {
+            for (conf, sockaddr) in [(1, SIN), (2, SIN), (1, SIN6)] {
+                for id in &ids {
+                    let got = kept.get(conf, 7, sockaddr, id).unwrap().unwrap();
+                    assert_eq!(got.addr, address(sockaddr, id), "round {round}");
+                    assert_eq!(got.name, id.name);
+                }
+            }
+        }
+        // one per location, server and name as read
+        assert_eq!(kept.len(), 12);
+        // the last found: its location, server and name
+        let last = kept.get(2, 7, SIN6, &ids[1]).unwrap().unwrap();
+        assert_eq!(last.name, Some(&b"b.test"[..]));
+        let last = (last.addr.to_vec(), last.id);
+        let recent = kept.recent(2, 7, SIN6).unwrap();
+        assert_eq!((recent.addr.to_vec(), recent.id), last);
+        assert_eq!(kept.recent(1, 7, SIN6), None);
+        assert_eq!(kept.recent(2, 8, SIN6), None);
+        assert_eq!(kept.recent(2, 7, SIN), None);
+        assert_eq!(kept.recent(2, 7, &SIN6[..27]), None);
+        // full: built per try by the caller
+        for i in 0..MAX_TLS_ADDRESSES {
+            let _ = kept.get(100 + i, 7, SIN, &ids[0]);
+        }
+        assert_eq!(kept.len(), MAX_TLS_ADDRESSES);
+        assert_eq!(kept.get(1000, 7, SIN, &ids[0]), Ok(None));
+        assert_eq!(
+            kept.get(1, 7, SIN, &ids[1]).unwrap().unwrap().addr,
+            &address(SIN, &ids[1])[..]
+        );
+        let long = [b'a'; MAX_ADDR_LEN];
+        let mut fresh = TlsAddresses::default();
+        assert!(fresh.get(1, 7, SIN, &tls(Some(&long))).is_err());
+        assert!(fresh.is_empty());
+    }
+
+    /// Ids are equal exactly when tags and identities are: other servers
+    /// and other locations of the same identity share them.
+    #[test]
+    fn ids_are_those_of_tag_and_identity() {
+        let mut kept = TlsAddresses::default();
+        let mut id = |conf, tag, sockaddr, name: &'static [u8]| {
+            kept.get(conf, tag, sockaddr, &tls(Some(name)))
+                .unwrap()
+                .unwrap()
+                .id
+        };
+        let a = id(1, 7, SIN, b"a.test");
+        assert_eq!(id(1, 7, SIN6, b"a.test"), a);
+        assert_eq!(id(2, 7, SIN, b"a.test"), a);
+        assert_eq!(id(2, 7, SIN, b"a.test:443"), a);
+        assert_ne!(id(1, 7, SIN, b"b.test"), a);
+        assert_ne!(id(3, 8, SIN, b"a.test"), a);
+        assert_eq!(id(1, 7, SIN, b"a.test"), a);
+        let distinct: std::collections::HashSet<_> =
+            [a, id(1, 7, SIN, b"b.test"), id(3, 8, SIN, b"a.test")].into();
+        assert_eq!(distinct.len(), 3);
+        // an id is never a small number (a tag of another kind)
+        assert!(a > 4096);
     }
 
     #[test]
