@@ -193,9 +193,10 @@ pub const MAX_TLS_ADDRESSES: usize = 32;
 /// address it found, without copying it.
 #[derive(Default)]
 pub struct TlsAddresses {
-    /// Boxed: an entry's address is its identity's id, and must not move.
-    #[allow(clippy::vec_box)]
-    entries: Vec<Box<TlsEntry>>,
+    /// Room for `MAX_TLS_ADDRESSES`, reserved at the first: an entry's
+    /// address is its identity's id, and must not move (the vector never
+    /// grows past its room, so never reallocates).
+    entries: Vec<TlsEntry>,
     /// The entry found last: every try of a lone server and location.
     recent: usize,
 }
@@ -317,25 +318,43 @@ impl TlsAddresses {
         }
         let mut out = [0u8; MAX_ADDR_LEN];
         let len = tls_address(sockaddr, id, &mut out)?;
-        let addr: Box<[u8]> = Box::from(out.get(..len).unwrap_or_default());
+        // Out of memory, the address is built per try, as past the room:
+        // allocations here are fallible (once per address, at its first
+        // use; never per request).
+        if self.entries.capacity() == 0
+            && self.entries.try_reserve_exact(MAX_TLS_ADDRESSES).is_err()
+        {
+            return Ok(None);
+        }
+        let (Some(addr), Some(name)) = (
+            boxed_copy(out.get(..len).unwrap_or_default()),
+            match id.name {
+                Some(name) => boxed_copy(name).map(Some),
+                None => Some(None),
+            },
+        ) else {
+            return Ok(None);
+        };
         // The id of an equal tag and identity kept before, or its own.
         let same = self
             .entries
             .iter()
             .find(|e| e.tag == tag && tls_part(&e.addr) == tls_part(&addr))
             .map(|e| e.id);
-        let mut entry = Box::new(TlsEntry {
+        self.entries.push(TlsEntry {
             id: 0,
             tag,
             conf,
-            name: id.name.map(Box::from),
+            name,
             socklen: sockaddr.len(),
             head: head16(sockaddr).unwrap_or(0),
             addr,
         });
-        entry.id = same.unwrap_or(&*entry as *const TlsEntry as usize);
-        self.entries.push(entry);
         self.recent = self.entries.len() - 1;
+        let entry = self.entries.last_mut();
+        if let Some(entry) = entry {
+            entry.id = same.unwrap_or(&*entry as *const TlsEntry as usize);
+        }
         Ok(self.entries.last().map(|e| e.kept()))
     }
 
@@ -359,6 +378,14 @@ impl TlsAddresses {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// `bytes` in a box of their own, or `None` if the memory is not there.
+fn boxed_copy(bytes: &[u8]) -> Option<Box<[u8]>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(bytes.len()).ok()?;
+    v.extend_from_slice(bytes);
+    Some(v.into_boxed_slice())
 }
 
 /// Whether the first `len` bytes of `a` are `b` (`b.len()` is `len`): a
