@@ -260,7 +260,11 @@ my $bu = $au->{bursty};
 my $b1k = $bu->{requests} ? 1000 * $bu->{conns} / $bu->{requests} : 0;
 $md .= sprintf "\n`keepalive auto`: %.1f new connections per 1,000 requests"
 	. " (target at most 10: %s); %s idle by the status page, %d at the backend"
-	. " (target at most 20, agreeing: %s).\n", $b1k, $b1k <= 10 ? 'met' : 'NOT met',
+	. " (target at most 20, agreeing: %s). The fixed counts end with fewer"
+	. " idle connections than the burst opened because of `keepalive_requests`"
+	. " (1000): in the last lull, connections that reach it are not kept, and"
+	. " the next request takes another idle one instead of opening one.\n",
+	$b1k, $b1k <= 10 ? 'met' : 'NOT met',
 	$bu->{idle} // '?', $bu->{backend},
 	(defined $bu->{idle} && $bu->{idle} <= 20 && $bu->{backend} <= 20
 		&& $bu->{idle} == $bu->{backend}) ? 'met' : 'NOT met';
