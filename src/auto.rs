@@ -105,8 +105,11 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
         let (mut count, mut unused) = (0, 0);
         idle.cache.for_each_oldest_first(|slot, c| {
             count += 1;
-            let requests = (*c.as_ptr()).requests as u64;
-            if marks.observe(slot, c.as_ptr() as usize, requests) {
+            // Its serial number and address: nginx reuses a closed
+            // connection's structure for the next one it opens.
+            let c = c.as_ptr();
+            let identity = ((*c).number as usize).rotate_left(32) ^ c as usize;
+            if marks.observe(slot, identity, (*c).requests as u64) {
                 unused += 1;
             }
         });

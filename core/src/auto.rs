@@ -119,7 +119,8 @@ impl Marks {
         }
     }
 
-    /// Records connection `conn` (any identity: its address) idle in
+    /// Records connection `conn` (any identity: in the module its serial
+    /// number and address) idle in
     /// `slot` after carrying `requests` requests; returns whether it was
     /// idle there, unused, at the previous tick.
     pub fn observe(&mut self, slot: usize, conn: usize, requests: u64) -> bool {
