@@ -166,6 +166,22 @@ mod tests {
     }
 
     #[test]
+    fn a_tick_in_the_middle_of_a_burst_only_delays_the_halving() {
+        let mut e = Estimator::new();
+        // One of a burst's 8 stored at the tick, the 7 others after it.
+        assert_eq!(e.tick(1, 0), 0);
+        // The one is unused since: the estimate follows the 7 at once.
+        assert_eq!(e.tick(8, 1), 1);
+        let mut idle = 7;
+        let mut seen = vec![idle];
+        while idle > 0 {
+            idle -= e.tick(idle, idle);
+            seen.push(idle);
+        }
+        assert_eq!(seen, [7, 3, 1, 0]);
+    }
+
+    #[test]
     fn a_steady_small_load_keeps_its_connections() {
         let mut e = Estimator::new();
         e.tick(200, 0);
