@@ -17,6 +17,12 @@
 #                       bench/results/flood-<date>-<HHMM>.md, flood-latest.md
 #                       (~1 min 10 s; BENCH_FLOOD_DURATION, BENCH_FLOOD_ROUNDS
 #                       in bench/flood.pl)
+#   make bench-auto     keepalive auto against keepalive 16 and 1024, nginx's
+#                       own and ours: wrk -c200 from a cold cache, and a
+#                       bursty load (200 clients 2 s, 10 clients 2 s, for
+#                       20 s; idle connections 10 s later, status page and
+#                       backend); writes bench/results/auto-<date>-<HHMM>.md,
+#                       auto-latest.md (~3 min; BENCH_AUTO_* in bench/auto.pl)
 #   make bench-workers  upstream connections and reuse with 1, 2, 4, 8
 #                       workers, sliced and unsliced, keepalive_share on
 #                       and off, against Apache prefork (KeepAliveTimeout
@@ -32,7 +38,7 @@
 #                       bench/results/memory-<date>-<HHMM>.md,
 #                       memory-latest.md (~1 min; BENCH_MEMORY_UPSTREAMS,
 #                       BENCH_MEMORY_RUNS in bench/memory.pl)
-.PHONY: bench bench-micro bench-profile bench-flood bench-workers bench-memory
+.PHONY: bench bench-micro bench-profile bench-flood bench-auto bench-workers bench-memory
 
 bench: deps deps-bench build
 	perl bench/bench.pl
@@ -46,6 +52,9 @@ bench-profile: deps build
 
 bench-flood: deps deps-bench build
 	perl bench/flood.pl
+
+bench-auto: deps deps-bench build
+	perl bench/auto.pl
 
 bench-workers: deps build
 	@sh .ci/packages apache2

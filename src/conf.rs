@@ -13,6 +13,7 @@ use ngx::ffi::{
 
 use keepalive_slice_core::stats::Geometry;
 
+use crate::auto::AutoState;
 use crate::idle::IdleState;
 use crate::mapping::Arena;
 use crate::share;
@@ -85,6 +86,8 @@ pub struct KeepaliveConf {
     pub max_cached: usize,
     pub local: bool,
     pub slice: Option<SliceConf>,
+    /// `keepalive auto`: the decay interval (`max_cached` is the ceiling).
+    pub auto: Option<ngx_msec_t>,
 
     pub original_init_upstream: ngx_http_upstream_init_pt,
     /// The balancer's init peer (`no_init_peer` until it is known), called
@@ -109,6 +112,7 @@ impl KeepaliveConf {
             max_cached: 0,
             local: false,
             slice: None,
+            auto: None,
             original_init_upstream: None,
             original_init_peer: no_init_peer,
             idle: ptr::null_mut(),
@@ -143,6 +147,8 @@ impl KeepaliveConf {
 pub struct Served {
     pub name: Vec<u8>,
     pub idle: *mut IdleState,
+    /// `keepalive auto`: its decay (null otherwise).
+    pub auto: *mut AutoState,
 }
 
 /// The module's http main configuration: what the status page and the

@@ -18,7 +18,7 @@ use ngx::core::{Status, NGX_CONF_ERROR, NGX_CONF_OK};
 use ngx::ffi::{
     ngx_command_t, ngx_conf_t, ngx_http_compile_complex_value, ngx_http_compile_complex_value_t,
     ngx_http_complex_value_t, ngx_http_get_variable_index, ngx_http_upstream_init_round_robin,
-    ngx_http_upstream_srv_conf_t, ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_LOG_EMERG,
+    ngx_http_upstream_srv_conf_t, ngx_msec_t, ngx_pcalloc, ngx_str_t, ngx_uint_t, NGX_LOG_EMERG,
 };
 use ngx::http::{HttpModule, HttpModuleMainConf, HttpModuleServerConf, NgxHttpUpstreamModule};
 use ngx::{ngx_conf_log_error, ngx_log_debug_mask};
@@ -73,6 +73,7 @@ pub extern "C" fn keepalive_directive(
     kcf.configured = true;
     kcf.max_cached = parsed.connections;
     kcf.local = parsed.local;
+    kcf.auto = parsed.auto.map(|ms| ms as ngx_msec_t);
 
     if let Some(slice) = parsed.slice {
         let key = match compile_key(cf, slice.key) {
@@ -100,7 +101,12 @@ pub extern "C" fn keepalive_directive(
             key,
             key_var,
             key_is_host,
-            conn: slice.conn,
+            // With auto and neither slice_conn nor slice_dyn, a bucket may
+            // hold up to the ceiling: the decay sizes each key's share.
+            conn: match (slice.conn, slice.dyn_var, parsed.auto) {
+                (None, None, Some(_)) => Some(parsed.connections),
+                (conn, _, _) => conn,
+            },
             dyn_index,
             dyn_name,
             poolsize: slice.poolsize,

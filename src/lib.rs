@@ -14,6 +14,7 @@
 //!   zone, the descriptor hand-over);
 //! - `idle`: one upstream's idle connections in a worker, and the handlers
 //!   of a connection while it is idle;
+//! - `auto`: the decay timer of `keepalive auto`;
 //! - `conf`: the configuration types and their defaults;
 //! - `module`: the module static as the layers above know it, and the
 //!   typed accessors of its configurations;
@@ -40,6 +41,7 @@
     clippy::indexing_slicing
 )]
 
+mod auto;
 mod conf;
 mod directives;
 mod hint;
@@ -202,8 +204,10 @@ unsafe extern "C" fn init_process(cycle: *mut ngx_cycle_t) -> ngx_int_t {
 }
 
 /// A worker leaving: its shared idle connections are never taken again.
-unsafe extern "C" fn exit_process(_cycle: *mut ngx_cycle_t) {
+unsafe extern "C" fn exit_process(cycle: *mut ngx_cycle_t) {
     share::exit_worker();
+    // SAFETY: nginx calls exit_process with the worker's cycle.
+    unsafe { status::exit_worker(cycle) };
 }
 
 /// The `$upstream_keepalive_*` variables exist before any directive may

@@ -30,8 +30,10 @@ use ngx::ngx_log_error;
 use keepalive_slice_core::report::{self, UpstreamReport, Versions};
 use keepalive_slice_core::stats::{plan, Table, MAX_SLOTS};
 
+use crate::auto::{self, AutoState};
 use crate::conf::{MainConf, Served};
-use crate::module::{zone_tag, Module, VERSION};
+use crate::log::debug_http;
+use crate::module::{allocate, zone_tag, Module, VERSION};
 
 const ZONE_NAME: &str = "keepalive_slice_status";
 
@@ -64,9 +66,29 @@ pub unsafe fn add_zone(cf: *mut ngx_conf_t) -> ngx_int_t {
             if kcf.idle.is_null() {
                 continue;
             }
+            let auto = match kcf.auto {
+                None => ptr::null_mut(),
+                Some(interval) => {
+                    let Some(state) = AutoState::new(kcf.idle, interval) else {
+                        return Status::NGX_ERROR.0;
+                    };
+                    debug_http!(
+                        (*cf).log,
+                        "keepalive auto: ceiling {}, decay every {} ms, {} bytes of marks",
+                        (*kcf.idle).capacity(),
+                        interval,
+                        state.memory_bytes()
+                    );
+                    let Some(auto) = allocate((*cf).pool, state) else {
+                        return Status::NGX_ERROR.0;
+                    };
+                    auto
+                }
+            };
             mcf.served.push(Served {
                 name: upstream_name(us),
                 idle: kcf.idle,
+                auto,
             });
         }
 
@@ -228,6 +250,27 @@ pub unsafe fn start_worker(cycle: *mut ngx_cycle_t) {
         };
         for served in &mcf.served {
             (*served.idle).stats.start_worker(ngx_worker);
+            if !served.auto.is_null() {
+                auto::start_worker(served.auto, (*cycle).log);
+            }
+        }
+    }
+}
+
+/// A worker leaving: its `keepalive auto` gauges leave the status page.
+///
+/// # Safety
+/// `cycle` must be the worker's cycle.
+pub unsafe fn exit_worker(cycle: *mut ngx_cycle_t) {
+    // SAFETY: the served upstreams' states live with the cycle.
+    unsafe {
+        let Some(mcf) = Module::main_conf(&*cycle) else {
+            return;
+        };
+        for served in &mcf.served {
+            if !served.auto.is_null() {
+                auto::exit_worker(served.auto);
+            }
         }
     }
 }
@@ -296,6 +339,7 @@ unsafe extern "C" fn status_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
                 Some(UpstreamReport {
                     name: &served.name,
                     snapshot: entry.snapshot(),
+                    auto: !served.auto.is_null(),
                 })
             })
             .collect();

@@ -5,12 +5,19 @@
 //! ```text
 //! keepalive connections [local] [slice_key=key] [slice_conn=number]
 //!           [slice_dyn=$variable] [slice_poolsize=number] [slice_keylen=length];
+//! keepalive auto [max=number] [decay=time] [local] [slice_key=key] ...;
 //! ```
+//!
+//! With `auto` the count is the ceiling `max=` (see [`crate::auto`]), and
+//! `slice_key` needs no `slice_conn`: a bucket may then hold up to the
+//! ceiling.
 //!
 //! The result still holds the raw `slice_key` text and `slice_dyn` variable
 //! name: compiling them needs nginx and happens in the directive handler.
 
 use std::fmt::{self, Write};
+
+use crate::auto::{DEFAULT_DECAY_MS, DEFAULT_MAX, MAX_DECAY_MS, MIN_DECAY_MS};
 
 pub const DEFAULT_POOLSIZE: usize = 20;
 pub const DEFAULT_KEYLEN: usize = 40;
@@ -31,9 +38,12 @@ pub const MAX_KEYLEN: usize = 1024;
 /// The parsed `keepalive` directive.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct KeepaliveArgs<'a> {
+    /// The count, or with `auto` its ceiling (`max=`).
     pub connections: usize,
     pub local: bool,
     pub slice: Option<SliceArgs<'a>>,
+    /// `auto`: the decay interval in milliseconds.
+    pub auto: Option<u64>,
 }
 
 /// The `slice_*` parameters.
@@ -73,6 +83,12 @@ pub enum ArgError<'a> {
     NotAVariable(&'a [u8]),
     KeyWithoutLimit,
     SliceWithoutKey(&'static str),
+    /// `max=0` with `auto`.
+    ZeroMax,
+    /// A `decay=` that is not a time, or out of bounds.
+    InvalidDecay(&'a [u8]),
+    /// `max=` or `decay=` without `auto`.
+    AutoOnly(&'static str),
 }
 
 impl fmt::Display for ArgError<'_> {
@@ -134,6 +150,20 @@ impl fmt::Display for ArgError<'_> {
                     f,
                     "\"{name}\" requires \"slice_key\" in \"keepalive\" directive"
                 )
+            }
+            ArgError::ZeroMax => write!(
+                f,
+                "invalid value \"max=0\" in \"keepalive\" directive, must be at least 1"
+            ),
+            ArgError::InvalidDecay(v) => write!(
+                f,
+                "invalid value \"{}\" of \"decay\" in \"keepalive\" directive, \
+                 must be a time from {MIN_DECAY_MS}ms to {}s",
+                s(v),
+                MAX_DECAY_MS / 1000
+            ),
+            ArgError::AutoOnly(name) => {
+                write!(f, "\"{name}\" requires \"auto\" in \"keepalive\" directive")
             }
         }
     }
@@ -202,14 +232,35 @@ fn bounded_number(value: &[u8], max: usize) -> Bounded {
     }
 }
 
+/// A time as nginx writes one in a directive, in milliseconds: a number
+/// with a unit (`ms`, `s`, `m`, `h`) or without (seconds). One unit only
+/// (not `1m30s`).
+pub fn parse_msec(value: &[u8]) -> Option<u64> {
+    let digits = value.iter().take_while(|c| c.is_ascii_digit()).count();
+    let (number, unit) = value.split_at(digits);
+    let n = parse_number(number)? as u64;
+    let scale = match unit {
+        b"ms" => 1,
+        b"" | b"s" => 1000,
+        b"m" => 60_000,
+        b"h" => 3_600_000,
+        _ => return None,
+    };
+    n.checked_mul(scale)
+}
+
 /// Parses the directive's arguments (without the directive name).
 pub fn parse_keepalive<'a>(args: &[&'a [u8]]) -> Result<KeepaliveArgs<'a>, ArgError<'a>> {
     let (&count, params) = args.split_first().ok_or(ArgError::InvalidCount(b""))?;
-    let connections = match bounded_number(count, MAX_CONNECTIONS) {
+    let is_auto = count == b"auto";
+    let mut connections = match bounded_number(count, MAX_CONNECTIONS) {
+        _ if is_auto => DEFAULT_MAX,
         Bounded::Within(n) => n,
         Bounded::Above => return Err(ArgError::CountTooLarge(count)),
         Bounded::NotANumber => return Err(ArgError::InvalidCount(count)),
     };
+    let mut max = None;
+    let mut decay = None;
 
     let mut local = false;
     let mut key = None;
@@ -265,6 +316,19 @@ pub fn parse_keepalive<'a>(args: &[&'a [u8]]) -> Result<KeepaliveArgs<'a>, ArgEr
                 }
                 keylen.replace(n).is_some()
             }
+            b"max" => {
+                let n = number("max", MAX_CONNECTIONS)?;
+                if n == 0 {
+                    return Err(ArgError::ZeroMax);
+                }
+                max.replace(n).is_some()
+            }
+            b"decay" => {
+                let ms = parse_msec(value)
+                    .filter(|ms| (MIN_DECAY_MS..=MAX_DECAY_MS).contains(ms))
+                    .ok_or(ArgError::InvalidDecay(value))?;
+                decay.replace(ms).is_some()
+            }
             _ => return Err(ArgError::InvalidParameter(param)),
         };
         if seen {
@@ -272,9 +336,21 @@ pub fn parse_keepalive<'a>(args: &[&'a [u8]]) -> Result<KeepaliveArgs<'a>, ArgEr
         }
     }
 
+    if !is_auto {
+        if max.is_some() {
+            return Err(ArgError::AutoOnly("max"));
+        }
+        if decay.is_some() {
+            return Err(ArgError::AutoOnly("decay"));
+        }
+    }
+    if let Some(max) = max {
+        connections = max;
+    }
+
     let slice = match key {
         Some(key) => {
-            if conn.is_none() && dyn_var.is_none() {
+            if conn.is_none() && dyn_var.is_none() && !is_auto {
                 return Err(ArgError::KeyWithoutLimit);
             }
             Some(SliceArgs {
@@ -303,6 +379,7 @@ pub fn parse_keepalive<'a>(args: &[&'a [u8]]) -> Result<KeepaliveArgs<'a>, ArgEr
         connections,
         local,
         slice,
+        auto: is_auto.then(|| decay.unwrap_or(DEFAULT_DECAY_MS)),
     })
 }
 
@@ -313,6 +390,55 @@ mod tests {
     fn parse(line: &str) -> Result<KeepaliveArgs<'_>, String> {
         let args: Vec<&[u8]> = line.split_whitespace().map(str::as_bytes).collect();
         parse_keepalive(&args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn auto_takes_a_ceiling_and_a_decay_interval() {
+        let p = parse("auto").expect("auto");
+        assert_eq!(
+            (p.connections, p.auto),
+            (DEFAULT_MAX, Some(DEFAULT_DECAY_MS))
+        );
+        let p = parse("auto max=64 decay=250ms local").expect("auto max");
+        assert_eq!((p.connections, p.auto, p.local), (64, Some(250), true));
+        assert_eq!(parse("auto decay=2").expect("s").auto, Some(2000));
+        assert_eq!(parse("auto decay=1m").expect("m").auto, Some(60_000));
+        // A slice key needs no slice_conn with auto.
+        let p = parse("auto slice_key=$host").expect("sliced");
+        assert_eq!(p.slice.map(|s| s.conn), Some(None));
+        assert_eq!(
+            parse("auto max=0").unwrap_err(),
+            "invalid value \"max=0\" in \"keepalive\" directive, must be at least 1"
+        );
+        assert_eq!(
+            parse("auto max=lots").unwrap_err(),
+            "invalid value \"lots\" of \"max\" in \"keepalive\" directive"
+        );
+        assert_eq!(
+            parse("auto max=65537").unwrap_err(),
+            "invalid value \"65537\" of \"max\" in \"keepalive\" directive, the maximum is 65536"
+        );
+        assert_eq!(
+            parse("auto decay=5x").unwrap_err(),
+            "invalid value \"5x\" of \"decay\" in \"keepalive\" directive, \
+             must be a time from 10ms to 3600s"
+        );
+        assert!(parse("auto decay=1ms").is_err());
+        assert!(parse("auto decay=2h").is_err());
+        assert_eq!(
+            parse("16 max=32").unwrap_err(),
+            "\"max\" requires \"auto\" in \"keepalive\" directive"
+        );
+        assert_eq!(
+            parse("16 decay=1s").unwrap_err(),
+            "\"decay\" requires \"auto\" in \"keepalive\" directive"
+        );
+        assert_eq!(
+            parse("auto max=1 max=2").unwrap_err(),
+            "duplicate parameter \"max\" in \"keepalive\" directive"
+        );
+        assert!(parse("Auto").is_err());
+        assert_eq!(parse("16").expect("fixed").auto, None);
     }
 
     #[test]
@@ -520,6 +646,8 @@ mod tests {
         b"slice_dyn",
         b"slice_poolsize",
         b"slice_keylen",
+        b"max",
+        b"decay",
         b"slice_",
         b"SLICE_CONN",
         b"",
@@ -528,6 +656,10 @@ mod tests {
 
     const VALUES: &[&[u8]] = &[
         b"",
+        b"auto",
+        b"5s",
+        b"10ms",
+        b"2m",
         b"0",
         b"1",
         b"8",
@@ -626,7 +758,7 @@ mod tests {
                             v
                         }
                         ArgError::DuplicateParameter(v) => {
-                            assert!(NAMES[..6].contains(&v), "{text}");
+                            assert!(NAMES[..8].contains(&v), "{text}");
                             v
                         }
                         ArgError::InvalidNumber { name, value }
@@ -643,6 +775,9 @@ mod tests {
                         ArgError::EmptyKey => b"slice_key",
                         ArgError::KeyWithoutLimit => b"slice_key",
                         ArgError::SliceWithoutKey(name) => name.as_bytes(),
+                        ArgError::ZeroMax => b"max=0",
+                        ArgError::InvalidDecay(v) => v,
+                        ArgError::AutoOnly(name) => name.as_bytes(),
                     };
                     assert!(text.contains(&printable(quoted)), "{text}");
                 }
@@ -652,7 +787,7 @@ mod tests {
                     assert_eq!(parsed.local, args.contains(&&b"local"[..]));
                     if let Some(s) = &parsed.slice {
                         assert!(!s.key.is_empty());
-                        assert!(s.conn.is_some() || s.dyn_var.is_some());
+                        assert!(s.conn.is_some() || s.dyn_var.is_some() || parsed.auto.is_some());
                         assert!(s.conn.unwrap_or(0) <= MAX_CONNECTIONS);
                         assert!(s.poolsize <= MAX_POOLSIZE);
                         assert!((1..=MAX_KEYLEN).contains(&s.keylen));

@@ -4,6 +4,7 @@
 //! - [`cache`]: the per-upstream cache of idle connections (storage and
 //!   lookup, the eviction policy, hashing);
 //! - [`args`]: the `keepalive` directive's parameters;
+//! - [`auto`]: how `keepalive auto` sizes the idle connections to the load;
 //! - [`identity`]: what a connection is bound to beyond its address (TLS
 //!   name, verification, client certificate; session stamps);
 //! - [`keepalive_hint`]: a backend's `Keep-Alive` header, and what it does
@@ -21,6 +22,7 @@
 //! what it cost when this code was part of the module.
 
 pub mod args;
+pub mod auto;
 pub mod cache;
 pub mod identity;
 pub mod keepalive_hint;

@@ -12,6 +12,8 @@ pub struct UpstreamReport<'a> {
     /// The upstream's name: operator text, any bytes.
     pub name: &'a [u8],
     pub snapshot: Snapshot,
+    /// `keepalive auto`: its estimate and ceiling are shown.
+    pub auto: bool,
 }
 
 /// Versions named in the report.
@@ -30,6 +32,8 @@ enum Kind {
 enum Series {
     Idle,
     Buckets,
+    AutoEstimate,
+    AutoLimit,
     One(Counter),
     NotKept,
     Closed,
@@ -46,7 +50,7 @@ struct Family {
 
 /// Every number of the report, in the order shown. A new counter in
 /// `stats` shows up here, or in `NotKept::ALL`/`Closed::ALL` for a reason.
-const FAMILIES: [Family; 10] = [
+const FAMILIES: [Family; 12] = [
     Family {
         json: "idle",
         prometheus: "nginx_upstream_keepalive_idle",
@@ -60,6 +64,20 @@ const FAMILIES: [Family; 10] = [
         kind: Kind::Gauge,
         help: "Buckets (server address and slice key) holding idle connections, all workers.",
         series: Series::Buckets,
+    },
+    Family {
+        json: "auto_estimate",
+        prometheus: "nginx_upstream_keepalive_auto_estimate",
+        kind: Kind::Gauge,
+        help: "keepalive auto: idle connections the recent load needs, by the workers' estimates, summed.",
+        series: Series::AutoEstimate,
+    },
+    Family {
+        json: "auto_limit",
+        prometheus: "nginx_upstream_keepalive_auto_limit",
+        kind: Kind::Gauge,
+        help: "keepalive auto: the ceiling (max=) of idle connections, summed over the workers.",
+        series: Series::AutoLimit,
     },
     Family {
         json: "reused",
@@ -120,11 +138,19 @@ const FAMILIES: [Family; 10] = [
 ];
 
 impl Family {
+    /// Whether the family has a value for `upstream`: `keepalive auto`'s
+    /// gauges only for an auto upstream.
+    fn applies(&self, upstream: &UpstreamReport) -> bool {
+        upstream.auto || !matches!(self.series, Series::AutoEstimate | Series::AutoLimit)
+    }
+
     /// The family's values for one upstream: (reason, value).
     fn values(&self, s: &Snapshot) -> Vec<(Option<&'static str>, u64)> {
         match self.series {
             Series::Idle => vec![(None, s.idle())],
             Series::Buckets => vec![(None, s.buckets())],
+            Series::AutoEstimate => vec![(None, s.auto_estimate())],
+            Series::AutoLimit => vec![(None, s.auto_limit())],
             Series::One(counter) => vec![(None, s.get(counter))],
             Series::NotKept => NotKept::ALL
                 .iter()
@@ -153,7 +179,8 @@ pub fn json(versions: &Versions, upstreams: &[UpstreamReport]) -> String {
         out.push('\n');
         json_string(&mut out, upstream.name);
         out.push_str(":{");
-        for (j, family) in FAMILIES.iter().enumerate() {
+        let families = FAMILIES.iter().filter(|f| f.applies(upstream));
+        for (j, family) in families.enumerate() {
             if j > 0 {
                 out.push(',');
             }
@@ -200,7 +227,7 @@ pub fn prometheus(versions: &Versions, upstreams: &[UpstreamReport]) -> String {
         };
         let _ = writeln!(out, "# HELP {} {}", family.prometheus, family.help);
         let _ = writeln!(out, "# TYPE {} {kind}", family.prometheus);
-        for upstream in upstreams {
+        for upstream in upstreams.iter().filter(|u| family.applies(u)) {
             for (reason, value) in family.values(&upstream.snapshot) {
                 out.push_str(family.prometheus);
                 out.push_str("{upstream=\"");
@@ -416,10 +443,18 @@ mod tests {
 
     #[test]
     fn json_carries_every_number() {
-        let up = [UpstreamReport {
-            name: b"backend",
-            snapshot: sample(),
-        }];
+        let up = [
+            UpstreamReport {
+                name: b"backend",
+                snapshot: sample(),
+                auto: false,
+            },
+            UpstreamReport {
+                name: b"auto",
+                snapshot: sample().with_auto(5, 2048),
+                auto: true,
+            },
+        ];
         let out = json(&VERSIONS, &up);
         assert!(out.starts_with(
             "{\"module_version\":\"0.1.0\",\"nginx_version\":\"1.28.3\",\"upstreams\":{"
@@ -428,11 +463,17 @@ mod tests {
             "\"backend\":{\"idle\":0,\"buckets\":2,\"reused\":7,\"missed\":3,\"kept\":9,",
             "\"not_kept\":{\"bucket_full\":1,\"no_free_bucket\":0,",
             "\"error\":0,\"keepalive_hint\":0},\"evicted\":1,\"closed\":{\"timeout\":1,",
-            "\"error\":0,\"hint_timeout\":0},\"shared_taken\":0,\"share_failed\":0}",
+            "\"error\":0,\"hint_timeout\":0,\"decay\":0},\"shared_taken\":0,\"share_failed\":0}",
+            "\"auto\":{\"idle\":0,\"buckets\":2,\"auto_estimate\":5,\"auto_limit\":2048,\"reused\":7,",
         ] {
             assert!(out.contains(part), "{part} in {out}");
         }
         assert_eq!(out.matches('{').count(), out.matches('}').count());
+        assert_eq!(
+            out.matches("auto_estimate").count(),
+            1,
+            "auto upstreams only"
+        );
         let empty = json(&VERSIONS, &[]);
         assert!(empty.ends_with("\"upstreams\":{\n}}\n"), "{empty}");
     }
@@ -450,10 +491,12 @@ mod tests {
             UpstreamReport {
                 name: b"a",
                 snapshot: sample(),
+                auto: false,
             },
             UpstreamReport {
                 name: b"b",
-                snapshot: Snapshot::zero(),
+                snapshot: Snapshot::zero().with_auto(3, 64),
+                auto: true,
             },
         ];
         let out = prometheus(&VERSIONS, &up);
@@ -473,9 +516,14 @@ mod tests {
             "nginx_upstream_keepalive_closed_total{upstream=\"b\",reason=\"closed_by_server\"} 0",
             "nginx_upstream_keepalive_not_kept_total{upstream=\"a\",reason=\"keepalive_hint\"} 0",
             "nginx_upstream_keepalive_closed_total{upstream=\"b\",reason=\"hint_timeout\"} 0",
+            "nginx_upstream_keepalive_closed_total{upstream=\"b\",reason=\"decay\"} 0",
+            "# TYPE nginx_upstream_keepalive_auto_estimate gauge",
+            "nginx_upstream_keepalive_auto_estimate{upstream=\"b\"} 3",
+            "nginx_upstream_keepalive_auto_limit{upstream=\"b\"} 64",
         ] {
             assert!(out.lines().any(|l| l == line), "{line} in\n{out}");
         }
+        assert!(!out.contains("auto_estimate{upstream=\"a\"}"), "{out}");
         // each family declared once, before its samples
         assert_eq!(out.matches("# TYPE ").count(), FAMILIES.len() + 1);
         assert!(out.ends_with('\n'));
@@ -487,6 +535,7 @@ mod tests {
         let up = [UpstreamReport {
             name,
             snapshot: Snapshot::zero(),
+            auto: false,
         }];
         let prom = prometheus(&VERSIONS, &up);
         assert!(

@@ -109,16 +109,20 @@ pub enum Closed {
     /// The idle timer the backend's `Keep-Alive: timeout` shortened
     /// (below `keepalive_timeout`) passed.
     HintTimeout,
+    /// `keepalive auto` closed it: no request used it for a whole decay
+    /// interval and the estimate was below the idle connections.
+    Decay,
 }
 
 impl Closed {
-    pub const ALL: [Closed; 6] = [
+    pub const ALL: [Closed; 7] = [
         Closed::Timeout,
         Closed::Server,
         Closed::UnexpectedData,
         Closed::Shutdown,
         Closed::Error,
         Closed::HintTimeout,
+        Closed::Decay,
     ];
 
     /// The `reason` label and JSON key.
@@ -130,6 +134,7 @@ impl Closed {
             Closed::Shutdown => "shutdown",
             Closed::Error => "error",
             Closed::HintTimeout => "hint_timeout",
+            Closed::Decay => "decay",
         }
     }
 }
@@ -170,8 +175,12 @@ const NOT_KEPT: usize = 5;
 const CLOSED: usize = NOT_KEPT + NotKept::ALL.len();
 const SHARED_TAKEN: usize = CLOSED + Closed::ALL.len();
 const SHARE_FAILED: usize = SHARED_TAKEN + 1;
+/// `keepalive auto`'s gauges, published as the buckets are: the estimate
+/// and the ceiling (`max=`) of each worker, summed.
+const AUTO_ESTIMATE: usize = SHARE_FAILED + 1;
+const AUTO_LIMIT: usize = AUTO_ESTIMATE + 1;
 /// Values in a WorkerCounters block.
-pub const VALUES: usize = SHARE_FAILED + 1;
+pub const VALUES: usize = AUTO_LIMIT + 1;
 
 impl Counter {
     #[inline]
@@ -235,6 +244,23 @@ impl Snapshot {
     /// Buckets in use now.
     pub fn buckets(&self) -> u64 {
         clamp_signed(self.values[BUCKETS])
+    }
+
+    /// `keepalive auto`: the workers' estimates, summed.
+    pub fn auto_estimate(&self) -> u64 {
+        clamp_signed(self.values[AUTO_ESTIMATE])
+    }
+
+    /// `keepalive auto`: the workers' ceilings, summed.
+    pub fn auto_limit(&self) -> u64 {
+        clamp_signed(self.values[AUTO_LIMIT])
+    }
+
+    /// For tests: a snapshot with `keepalive auto`'s gauges.
+    pub fn with_auto(mut self, estimate: u64, limit: u64) -> Self {
+        self.values[AUTO_ESTIMATE] = estimate;
+        self.values[AUTO_LIMIT] = limit;
+        self
     }
 
     /// For tests: a snapshot with `counter` set to `n`.
@@ -302,6 +328,8 @@ pub struct UpstreamStats {
     mine: NonNull<WorkerCounters>,
     /// Buckets in use as this worker last published them.
     published_buckets: usize,
+    /// `keepalive auto`'s estimate and ceiling, as last published.
+    published_auto: (usize, usize),
 }
 
 impl UpstreamStats {
@@ -310,6 +338,7 @@ impl UpstreamStats {
             entry: None,
             mine: NonNull::from(&UNATTACHED),
             published_buckets: 0,
+            published_auto: (0, 0),
         }
     }
 
@@ -349,6 +378,22 @@ impl UpstreamStats {
             mine.add(BUCKETS, delta);
             self.published_buckets = buckets;
         }
+    }
+}
+
+impl UpstreamStats {
+    /// Publishes this worker's `keepalive auto` estimate and ceiling (0 and
+    /// 0 when it leaves), as differences against what it published last.
+    pub fn publish_auto(&mut self, estimate: usize, limit: usize) {
+        // SAFETY: as in `count`.
+        let mine = unsafe { self.mine.as_ref() };
+        let (old_estimate, old_limit) = self.published_auto;
+        mine.add(
+            AUTO_ESTIMATE,
+            (estimate as u64).wrapping_sub(old_estimate as u64),
+        );
+        mine.add(AUTO_LIMIT, (limit as u64).wrapping_sub(old_limit as u64));
+        self.published_auto = (estimate, limit);
     }
 }
 
@@ -767,7 +812,7 @@ mod tests {
     #[test]
     fn every_counter_has_its_own_value() {
         let mut seen: Vec<usize> = all_counters().iter().map(|c| c.index()).collect();
-        seen.push(BUCKETS);
+        seen.extend([BUCKETS, AUTO_ESTIMATE, AUTO_LIMIT]);
         seen.sort();
         assert_eq!(seen, (0..VALUES).collect::<Vec<_>>());
         for (i, reason) in NotKept::ALL.iter().enumerate() {
@@ -828,6 +873,17 @@ mod tests {
         assert_eq!(s.get(Counter::NotKept(NotKept::BucketFull)), 1);
         assert_eq!(s.idle(), 2);
         assert_eq!(s.buckets(), 2);
+        assert_eq!((s.auto_estimate(), s.auto_limit()), (0, 0));
+        // keepalive auto's gauges: published by differences, summed
+        w0.publish_auto(5, 64);
+        w1.publish_auto(7, 64);
+        w1.publish_auto(3, 64);
+        let a = entry.snapshot();
+        assert_eq!((a.auto_estimate(), a.auto_limit()), (8, 128));
+        w0.publish_auto(0, 0);
+        w1.publish_auto(0, 0);
+        let a = entry.snapshot();
+        assert_eq!((a.auto_estimate(), a.auto_limit()), (0, 0));
         // the slots really are separate
         assert_eq!(entry.slot(1).values[MISSED].load(Relaxed), 1);
         assert_eq!(entry.slot(0).values[MISSED].load(Relaxed), 2);
@@ -891,9 +947,8 @@ mod tests {
         assert!(reopen(&mut mem).is_none(), "zeroes");
         let t = table(&mut mem, g);
         add(&t, b"x").unwrap();
-        let len = size_of_val(mem.as_slice());
         // SAFETY: fewer bytes than `mem` holds.
-        assert!(unsafe { Table::open(mem.as_mut_ptr().cast(), len - 64) }.is_none());
+        assert!(unsafe { Table::open(mem.as_mut_ptr().cast(), g.table_bytes() - 1) }.is_none());
         // a name pointing beyond the arena in use
         // SAFETY: the first name record lies within `mem`.
         unsafe {

@@ -1099,6 +1099,25 @@ impl<C: Copy, O: Overflow> IdleCache<C, O> {
         bucket.next = NIL;
         bucket.list = NO_LIST;
     }
+
+    /// The slot of the least recently stored idle connection, if any
+    /// (where the decay of `keepalive auto` closes from).
+    pub fn oldest(&self) -> Option<usize> {
+        (self.lru_tail != NIL).then_some(self.lru_tail as usize)
+    }
+
+    /// Calls `f(slot, connection)` for every idle connection, the least
+    /// recently stored first: O(idle connections), for the decay of
+    /// `keepalive auto` (once an interval, never per request).
+    pub fn for_each_oldest_first(&self, mut f: impl FnMut(usize, C)) {
+        let mut slot = self.lru_tail;
+        while let Some(s) = self.slots.get(slot as usize) {
+            if let Some(conn) = s.conn {
+                f(slot as usize, conn);
+            }
+            slot = s.lru_prev;
+        }
+    }
 }
 
 /// Room for `n` elements, none there yet; `None` if the memory is not

@@ -1181,3 +1181,31 @@ fn one_off_keys_do_not_cost_busy_keys_their_connections() {
         );
     }
 }
+
+#[test]
+fn oldest_first_walks_the_lru_list_from_its_tail() {
+    let mut cache: IdleCache<u32> = IdleCache::unsliced(4).expect("memory");
+    let key = BucketKey {
+        addr: b"a",
+        slice: b"",
+        tag: 0,
+    };
+    assert_eq!(cache.oldest(), None);
+    let mut slots = Vec::new();
+    for c in 1..=3 {
+        slots.push(
+            cache
+                .store(&key, c, usize::MAX, |_| {})
+                .expect("stored")
+                .slot,
+        );
+    }
+    assert_eq!(cache.oldest(), Some(slots[0]));
+    let mut seen = Vec::new();
+    cache.for_each_oldest_first(|slot, c| seen.push((slot, c)));
+    assert_eq!(seen, vec![(slots[0], 1), (slots[1], 2), (slots[2], 3)]);
+    // Taken for a request and stored again: the newest.
+    assert_eq!(cache.take(&key), Some(3));
+    cache.remove(slots[0]);
+    assert_eq!(cache.oldest(), Some(slots[1]));
+}
