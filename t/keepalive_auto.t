@@ -128,7 +128,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
 print(json.dumps(out))
 EOF
 
-$t->plan(34);
+$t->plan(36);
 
 ###############################################################################
 
@@ -278,10 +278,12 @@ ok(!exists $value{'nginx_upstream_keepalive_auto_limit,upstream=u_fixed'},
 
 ###############################################################################
 
-# Bad values: "nginx -t" fails with an [emerg] naming them.
+# Bad values: "nginx -t" fails with an [emerg] naming them.  ($t is an
+# argument: a named sub that closes over it keeps the object alive until
+# global destruction, and the final checks could not run.)
 
 sub bad {
-	my ($line, $re, $name) = @_;
+	my ($t, $line, $re, $name) = @_;
 	(my $conf = $t->read_file('nginx.conf'))
 		=~ s/keepalive auto decay=1h;/$line/;
 	# nginx_test_config() removes the pid file "nginx -t" writes, which
@@ -297,15 +299,15 @@ sub bad {
 	};
 }
 
-bad('keepalive auto max=lots;',
+bad($t, 'keepalive auto max=lots;',
 	qr/invalid value "lots" of "max" in "keepalive" directive/, 'max=lots');
-bad('keepalive auto max=0;',
+bad($t, 'keepalive auto max=0;',
 	qr/invalid value "max=0" in "keepalive" directive, must be at least 1/,
 	'max=0');
-bad('keepalive auto decay=soon;',
+bad($t, 'keepalive auto decay=soon;',
 	qr/invalid value "soon" of "decay" in "keepalive" directive/,
 	'decay=soon');
-bad('keepalive 8 max=16;', qr/"max" requires "auto" in "keepalive" directive/,
+bad($t, 'keepalive 8 max=16;', qr/"max" requires "auto" in "keepalive" directive/,
 	'max= without auto');
 
 ###############################################################################
