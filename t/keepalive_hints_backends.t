@@ -309,12 +309,21 @@ cmp_ok(scalar(@idle), '>', 0, 'apache: connections reused ('
 	. scalar(@idle) . ' times)');
 cmp_ok($max, '<=', $bound, sprintf('apache: longest idle before a reuse'
 	. ' %.0f ms, at most the hint less the margin', $max));
+# A connection left idle for certain: the traffic may have used every
+# connection up to Apache's max (its last response closes it) without
+# leaving one idle longer than the hint allows.  A request after it leaves
+# its connection idle, unless it was that connection's last: then another.
+for (1 .. 3) {
+	last if (counters('apache')->{idle} // 0) > 0;
+	http_post_host('localhost', '/apache/', 'x' x 100);
+}
 my $hinted = sub {
 	my ($c) = @_;
 	return ($c->{closed}{hint_timeout} // 0) + ($c->{not_kept}{keepalive_hint} // 0);
 };
 my $c = counters_once('apache', $hinted);
-cmp_ok($hinted->($c), '>', 0, 'apache: the hint closed or refused connections');
+cmp_ok($hinted->($c), '>', 0, 'apache: the hint closed or refused connections')
+	or diag(explain($c));
 is(nginx_errors($t), 0, 'apache: nothing logged above info by nginx');
 
 }
