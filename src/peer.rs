@@ -259,7 +259,7 @@ pub unsafe fn init_keepalive(
 /// the upstream's servers, as nginx resolved them at configuration time.
 /// An upstream whose addresses may change at run time (a `zone`, with
 /// `resolve`) or that lists no servers gets room for any socket address.
-/// Longer addresses, TLS ones, continue in the cache's overflow.
+/// Longer addresses, TLS ones, are kept whole in the cache's overflow.
 ///
 /// # Safety
 /// `us` is an upstream of the live configuration.

@@ -67,9 +67,9 @@ pub const MAX_ADDR_LEN: usize = 4 + MAX_SOCKADDR_LEN + MAX_TLS_IDENTITY;
 /// inline room (a TLS address: socket address and TLS identity): `room`
 /// bytes per bucket inline, with the bucket records, and a longer address
 /// whole in the *overflow*, a separate store of [`Shape::overflow_len`]
-/// bytes that the owner provides. The module maps it from the kernel at configuration time, so
-/// that it is resident only where a long address was written: an upstream
-/// never reached over TLS holds none of it.
+/// bytes that the owner provides. The module maps it from the kernel at
+/// configuration time, so that it is resident only where a long address
+/// was written: an upstream that never keeps one holds none of it.
 ///
 /// `AsRef`/`AsMut` of bytes: a `Box<[u8]>` in the tests, a mapping in the
 /// module. A store shorter than asked for holds no long address: such
@@ -90,7 +90,7 @@ pub struct Shape {
     pub sliced: bool,
     /// Address bytes kept inline per bucket: the longest socket address
     /// the upstream's servers have (16 for IPv4 alone), at most
-    /// [`MAX_ADDR_LEN`]; longer addresses continue in the overflow.
+    /// [`MAX_ADDR_LEN`]; longer addresses are kept whole in the overflow.
     pub room: usize,
 }
 
@@ -198,8 +198,9 @@ pub enum Refusal {
     BucketFull { limit: usize },
     /// It needs a bucket and the pool has none at all (`slice_poolsize=0`).
     NoBuckets,
-    /// The cache holds no connections at all (`keepalive 0`) or the address
-    /// is longer than [`MAX_ADDR_LEN`].
+    /// The cache holds no connections at all (`keepalive 0`), or the
+    /// address is longer than [`MAX_ADDR_LEN`] (or than the inline room,
+    /// without an overflow).
     Unusable,
 }
 
