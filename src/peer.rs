@@ -51,9 +51,11 @@ struct PeerData {
     /// rather than an enum: eight bytes fewer of the request pool).
     slice_key: ngx_str_t,
     slice_state: SliceState,
-    /// A plain connection, unsliced (`Plain` and `Unsliced` above): get
-    /// peer's shortest way, told by one byte.
-    plain_unsliced: bool,
+    /// Free peer keeps this try's connection without the TLS and
+    /// bucket-limit checks (`keep`): a plain unsliced request's every try
+    /// (init peer), or an unsliced TLS try that reused a connection kept
+    /// under its identity (get peer).
+    keep_unchecked: bool,
     /// What the connection is bound to beyond its socket address: the
     /// bucket tag (the protocol handler, or with `local` the location,
     /// whose handler fixes the protocol), and for TLS the identity of the
@@ -94,6 +96,25 @@ type GetPeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void) -> 
 // Peer data comes from the request pool, per request: a few bytes more
 // can move the sliced benchmark's pool across a block (see bench-profile).
 const _: () = assert!(size_of::<PeerData>() <= 152);
+
+/// How get peer finds a try's bucket, fixed by init peer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Route {
+    /// A plain connection, unsliced: its socket address and tag, the
+    /// bucket found last first (a lone server's every request).
+    Plain,
+    /// A TLS connection, unsliced: as `Plain`, once its TLS identity has
+    /// given the address and tag it is kept under (`TlsKey::evaluate`).
+    Tls,
+    /// Sliced (or the key failed): by the whole key.
+    Keyed,
+}
+
+/// get peer of each `Route`.
+const PLAIN_GET_PEER: GetPeer = get_peer::<{ Route::Plain as u8 }>;
+const TLS_GET_PEER: GetPeer = get_peer::<{ Route::Tls as u8 }>;
+const KEYED_GET_PEER: GetPeer = get_peer::<{ Route::Keyed as u8 }>;
 
 /// The request's `slice_key`, evaluated once in init peer.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -348,6 +369,13 @@ unsafe extern "C" fn init_peer(
         let u = (*r).upstream;
         let pc = ptr::addr_of_mut!((*u).peer);
         let tls = TlsKey::new(r, u);
+        let (route, route_get_peer) = if slice_state != SliceState::Unsliced {
+            (Route::Keyed, KEYED_GET_PEER)
+        } else if matches!(tls, TlsKey::Plain) {
+            (Route::Plain, PLAIN_GET_PEER)
+        } else {
+            (Route::Tls, TLS_GET_PEER)
+        };
         // Every balancer has one: nginx calls it without asking.
         let Some(get) = (*pc).get else {
             return Status::NGX_ERROR.0;
@@ -366,7 +394,7 @@ unsafe extern "C" fn init_peer(
             } else {
                 protocol(u)
             },
-            plain_unsliced: matches!(tls, TlsKey::Plain) && slice_state == SliceState::Unsliced,
+            keep_unchecked: route == Route::Plain,
             tls,
             bucket: None,
             hint: 0,
@@ -380,7 +408,7 @@ unsafe extern "C" fn init_peer(
         });
 
         (*pc).data = kp.cast();
-        (*pc).get = Some(get_peer);
+        (*pc).get = Some(route_get_peer);
         (*pc).free = Some(free_peer);
         if (*pc).notify.is_some() {
             (*pc).notify = Some(notify_peer);
@@ -463,8 +491,13 @@ unsafe fn host(r: *mut ngx_http_request_t) -> ngx_str_t {
 }
 
 /// `get peer`: the balancer chooses, then an idle connection to exactly
-/// that choice is reused if there is one.
-unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
+/// that choice is reused if there is one. One function per `Route`
+/// (`ROUTE`, chosen by init peer): each way compiled on its own, so that
+/// none pays for another's registers.
+unsafe extern "C" fn get_peer<const ROUTE: u8>(
+    pc: *mut ngx_peer_connection_t,
+    data: *mut c_void,
+) -> ngx_int_t {
     // SAFETY: data is our PeerData set in init_peer; pc is the request's.
     unsafe {
         let kp = &mut *(data as *mut PeerData);
@@ -478,26 +511,7 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
         }
 
         let idle = &mut *(*kp.conf).idle;
-        let taken = if kp.plain_unsliced {
-            // A plain connection, unsliced: to the server of the last
-            // request first (a lone server's every request), else by the
-            // key's hash.
-            let addr = sockaddr(pc);
-            match idle.cache.take_recent(addr, kp.tag) {
-                Some((bucket, taken)) => {
-                    kp.bucket = Some(bucket);
-                    taken
-                }
-                None => {
-                    kp.bucket = idle.cache.find_hashed(&BucketKey {
-                        addr,
-                        slice: &[],
-                        tag: kp.tag,
-                    });
-                    kp.bucket.and_then(|b| idle.cache.take_from(b))
-                }
-            }
-        } else {
+        let taken = if ROUTE == Route::Keyed as u8 {
             // Per try: a TLS name may depend on the server chosen.
             let addr =
                 kp.tls
@@ -507,7 +521,44 @@ unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void)
                 None => None,
             };
             kp.bucket.and_then(|b| idle.cache.take_from(b))
+        } else {
+            // Unsliced: to the server of the last request first (a lone
+            // server's every request), else by the key's hash. A TLS
+            // identity is evaluated per try: its name may depend on the
+            // server chosen.
+            let key = if ROUTE == Route::Plain as u8 {
+                Some((sockaddr(pc), kp.tag))
+            } else {
+                // Route::Tls: the key is TLS (init peer).
+                kp.tls
+                    .evaluate_tls(kp.request, kp.upstream, pc, kp.tag, &mut idle.tls_addresses)
+            };
+            match key {
+                None => {
+                    kp.bucket = None;
+                    None
+                }
+                Some((addr, tag)) => match idle.cache.take_recent(addr, tag) {
+                    Some((bucket, taken)) => {
+                        kp.bucket = Some(bucket);
+                        taken
+                    }
+                    None => {
+                        kp.bucket = idle.cache.find_hashed(&BucketKey {
+                            addr,
+                            slice: &[],
+                            tag,
+                        });
+                        kp.bucket.and_then(|b| idle.cache.take_from(b))
+                    }
+                },
+            }
         };
+        if ROUTE == Route::Tls as u8 {
+            // Reused: nginx opened it with this identity, and checked it
+            // when it was kept.
+            kp.keep_unchecked = taken.is_some();
+        }
         // A published connection is withdrawn before it is used; one
         // another worker took meanwhile is dropped, and the next tried.
         // `share`: set only while this worker shares (one worker: never).
@@ -910,8 +961,9 @@ unsafe fn keep(
     unsafe {
         let c = conn.as_ptr();
         let idle = &mut *(*kp.conf).idle;
-        // Plain and unsliced: no TLS identity to check, no bucket limit.
-        let limit = if kp.plain_unsliced {
+        // Plain and unsliced, or reused under its TLS identity: nothing to
+        // check, no bucket limit.
+        let limit = if kp.keep_unchecked {
             usize::MAX
         } else {
             if !tls_keepable(kp, pc, log) {

@@ -141,7 +141,7 @@ impl TlsKey {
     /// `r` and `u` must be live, `u` the request's upstream and `pc` its
     /// peer, `kept` its upstream's; the address lives as long as the
     /// request's pool and `pc`'s choice.
-    #[inline]
+    #[inline(always)]
     pub unsafe fn evaluate<'a>(
         &mut self,
         r: *mut ngx_http_request_t,
@@ -153,22 +153,27 @@ impl TlsKey {
         match self {
             // SAFETY: see above.
             TlsKey::Plain => Some((unsafe { sockaddr(pc) }, tag)),
-            TlsKey::Tls(state) => {
-                // SAFETY: see above.
-                unsafe { evaluate_tls(state, r, u, pc, tag, kept) };
-                match state {
-                    TlsState::Ready { id, .. } if *id != 0 => {
-                        // SAFETY: see above.
-                        Some((unsafe { sockaddr(pc) }, *id))
-                    }
-                    TlsState::Ready { addr, len, .. } => {
-                        // SAFETY: as in tls_address().
-                        Some((unsafe { core::slice::from_raw_parts(*addr, *len) }, tag))
-                    }
-                    _ => None,
-                }
-            }
+            // SAFETY: see above.
+            TlsKey::Tls(_) => unsafe { evaluate_tls(self, r, u, pc, tag, kept) },
         }
+    }
+
+    /// [`TlsKey::evaluate`] of a TLS key, without asking whether it is
+    /// one: a plain key given here would become a TLS key.
+    ///
+    /// # Safety
+    /// As for [`TlsKey::evaluate`].
+    #[inline(always)]
+    pub unsafe fn evaluate_tls<'a>(
+        &mut self,
+        r: *mut ngx_http_request_t,
+        u: *mut ngx_http_upstream_t,
+        pc: *const ngx_peer_connection_t,
+        tag: usize,
+        kept: &mut TlsAddresses,
+    ) -> Option<(&'a [u8], usize)> {
+        // SAFETY: see above.
+        unsafe { evaluate_tls(self, r, u, pc, tag, kept) }
     }
 }
 
@@ -192,14 +197,14 @@ pub unsafe fn sockaddr<'a>(pc: *const ngx_peer_connection_t) -> &'a [u8] {
 /// # Safety
 /// As for [`TlsKey::evaluate`].
 #[inline(always)]
-unsafe fn evaluate_tls(
-    state: &mut TlsState,
+unsafe fn evaluate_tls<'a>(
+    key: &mut TlsKey,
     r: *mut ngx_http_request_t,
     u: *mut ngx_http_upstream_t,
     pc: *const ngx_peer_connection_t,
     tag: usize,
     kept: &mut TlsAddresses,
-) {
+) -> Option<(&'a [u8], usize)> {
     #[cfg(ngx_feature = "http_ssl")]
     // SAFETY: see above.
     unsafe {
@@ -207,41 +212,48 @@ unsafe fn evaluate_tls(
         // The address found last, if its location and server are this
         // try's, without reading the rest: a location's settings and its
         // static certificate do not change (a location with a variable one
-        // has no address kept), nor, when the location uses no name, the
-        // name; the upstream's name (`u->ssl_name`) or a name without
-        // variables is compared. A variable name is evaluated first.
+        // has no address kept). Whether a name is used is one of those
+        // settings (`Values::read`): an address built without one is of a
+        // location that uses none. Otherwise the upstream's name
+        // (`u->ssl_name`) or a name without variables is compared; a
+        // variable name is evaluated first.
         if let Some(found) = kept.recent((*u).conf as usize, tag, sock) {
-            let name = found.name;
-            let conf = &*(*u).conf;
-            let same = if conf.ssl_verify == 0 && conf.ssl_server_name == 0 {
-                true
-            } else {
-                // A name without variables is its value, as
-                // ngx_http_complex_value() gives it.
-                let ssl_name = if conf.ssl_name.is_null() {
-                    Some((*u).ssl_name.as_bytes())
-                } else if (*conf.ssl_name).lengths.is_null() {
-                    Some((*conf.ssl_name).value.as_bytes())
-                } else {
-                    None
-                };
-                matches!((name, ssl_name), (Some(n), Some(s)) if same_bytes(n, s, n.len()))
+            let same = match found.name {
+                None => true,
+                Some(name) => {
+                    let conf = &*(*u).conf;
+                    // A name without variables is its value, as
+                    // ngx_http_complex_value() gives it.
+                    let ssl_name = if conf.ssl_name.is_null() {
+                        Some((*u).ssl_name.as_bytes())
+                    } else if (*conf.ssl_name).lengths.is_null() {
+                        Some((*conf.ssl_name).value.as_bytes())
+                    } else {
+                        None
+                    };
+                    matches!(ssl_name, Some(s) if same_bytes(name, s, name.len()))
+                }
             };
             if same {
-                *state = TlsState::Ready {
+                *key = TlsKey::Tls(TlsState::Ready {
                     addr: found.addr.as_ptr(),
                     len: found.addr.len(),
                     id: found.id,
-                };
-                return;
+                });
+                return Some((sock, found.id));
             }
         }
-        evaluate_read(state, r, u, sock, tag, kept);
+        *key = TlsKey::Tls(TlsState::Failed);
+        let TlsKey::Tls(state) = key else {
+            return None;
+        };
+        evaluate_read(state, r, u, sock, tag, kept)
     }
     #[cfg(not(ngx_feature = "http_ssl"))]
     {
-        *state = TlsState::Failed;
+        *key = TlsKey::Tls(TlsState::Failed);
         let _ = (r, u, pc, tag, kept);
+        None
     }
 }
 
@@ -252,7 +264,34 @@ unsafe fn evaluate_tls(
 /// As for [`TlsKey::evaluate`].
 #[cfg(ngx_feature = "http_ssl")]
 #[inline(never)]
-unsafe fn evaluate_read(
+unsafe fn evaluate_read<'a>(
+    state: &mut TlsState,
+    r: *mut ngx_http_request_t,
+    u: *mut ngx_http_upstream_t,
+    sock: &'a [u8],
+    tag: usize,
+    kept: &mut TlsAddresses,
+) -> Option<(&'a [u8], usize)> {
+    // SAFETY: see above.
+    unsafe { read_identity(state, r, u, sock, tag, kept) };
+    match *state {
+        TlsState::Ready { id, .. } if id != 0 => Some((sock, id)),
+        TlsState::Ready { addr, len, .. } => {
+            // SAFETY: as in `TlsKey::tls_address`.
+            Some((unsafe { core::slice::from_raw_parts(addr, len) }, tag))
+        }
+        _ => None,
+    }
+}
+
+/// [`evaluate_read`]'s state: the identity read, its address found or
+/// built.
+///
+/// # Safety
+/// As for [`TlsKey::evaluate`].
+#[cfg(ngx_feature = "http_ssl")]
+#[inline(always)]
+unsafe fn read_identity(
     state: &mut TlsState,
     r: *mut ngx_http_request_t,
     u: *mut ngx_http_upstream_t,
