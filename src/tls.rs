@@ -220,7 +220,9 @@ unsafe fn evaluate_tls<'a>(
         if let Some(found) = kept.recent((*u).conf as usize, tag, sock) {
             let same = match found.name {
                 None => true,
-                Some(name) => {
+                Some((name, len)) => {
+                    // SAFETY: an entry's name, kept for the cycle.
+                    let name = core::slice::from_raw_parts(name, len);
                     let conf = &*(*u).conf;
                     // A name without variables is its value, as
                     // ngx_http_complex_value() gives it.
@@ -236,8 +238,8 @@ unsafe fn evaluate_tls<'a>(
             };
             if same {
                 *key = TlsKey::Tls(TlsState::Ready {
-                    addr: found.addr.as_ptr(),
-                    len: found.addr.len(),
+                    addr: found.addr,
+                    len: found.len,
                     id: found.id,
                 });
                 return Some((sock, found.id));

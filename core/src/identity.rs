@@ -191,7 +191,6 @@ pub const MAX_TLS_ADDRESSES: usize = 32;
 /// variable name finds the address of its own value only. Entries are
 /// never changed nor dropped before the cycle's end: a request keeps the
 /// address it found, without copying it.
-#[derive(Default)]
 pub struct TlsAddresses {
     /// Room for `MAX_TLS_ADDRESSES`, reserved at the first: an entry's
     /// address is its identity's id, and must not move (the vector never
@@ -199,6 +198,62 @@ pub struct TlsAddresses {
     entries: Vec<TlsEntry>,
     /// The entry found last: every try of a lone server and location.
     recent: usize,
+    /// What [`TlsAddresses::recent`] compares and gives of that entry,
+    /// copied beside the entries: such a try reads no entry.
+    last: Last,
+}
+
+impl Default for TlsAddresses {
+    fn default() -> Self {
+        TlsAddresses {
+            entries: Vec::new(),
+            recent: 0,
+            last: Last::NONE,
+        }
+    }
+}
+
+/// The entry found last, as [`TlsAddresses::recent`] compares it.
+#[derive(Clone, Copy)]
+struct Last {
+    conf: usize,
+    tag: usize,
+    /// `usize::MAX` (no socket address's length) before the first entry.
+    socklen: usize,
+    /// As the entry's `head`, in two words (a `u128` would align the idle
+    /// state that holds this to 16 bytes, beyond what nginx's pools give).
+    head: [u64; 2],
+    found: Found,
+}
+
+impl Last {
+    const NONE: Last = Last {
+        conf: 0,
+        tag: 0,
+        socklen: usize::MAX,
+        head: [0; 2],
+        found: Found {
+            addr: core::ptr::null(),
+            len: 0,
+            name: None,
+            id: 0,
+        },
+    };
+}
+
+/// An address kept, as [`TlsAddresses::recent`] gives it: where its bytes
+/// and the name it was built for are, and its id (as [`Kept`]'s). They are
+/// an entry's: neither changed, moved nor dropped before the
+/// `TlsAddresses` is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Found {
+    /// `len` bytes: the TLS address ([`tls_address`]).
+    pub addr: *const u8,
+    pub len: usize,
+    /// The name as read (where, and its length), `None` when nginx uses
+    /// none.
+    pub name: Option<(*const u8, usize)>,
+    pub id: usize,
 }
 
 /// An address kept, for [`TlsAddresses::get`] and
@@ -241,10 +296,32 @@ fn head16(sockaddr: &[u8]) -> Option<u128> {
     }
 }
 
+/// A `u128` as two words.
+#[inline(always)]
+fn words(x: u128) -> [u64; 2] {
+    [x as u64, (x >> 64) as u64]
+}
+
 impl TlsEntry {
     #[inline(always)]
     fn is(&self, conf: usize, tag: usize, sockaddr: &[u8], name: Option<&[u8]>) -> bool {
         self.is_of(conf, tag, sockaddr) && self.name.as_deref() == name
+    }
+
+    #[inline(always)]
+    fn last(&self) -> Last {
+        Last {
+            conf: self.conf,
+            tag: self.tag,
+            socklen: self.socklen,
+            head: words(self.head),
+            found: Found {
+                addr: self.addr.as_ptr(),
+                len: self.addr.len(),
+                name: self.name.as_deref().map(|n| (n.as_ptr(), n.len())),
+                id: self.id,
+            },
+        }
     }
 
     #[inline(always)]
@@ -310,7 +387,7 @@ impl TlsAddresses {
             .iter()
             .position(|e| e.is(conf, tag, sockaddr, id.name))
         {
-            self.recent = i;
+            self.found(i);
             return Ok(self.entries.get(i).map(|e| e.kept()));
         }
         if self.entries.len() >= MAX_TLS_ADDRESSES {
@@ -350,24 +427,41 @@ impl TlsAddresses {
             head: head16(sockaddr).unwrap_or(0),
             addr,
         });
-        self.recent = self.entries.len() - 1;
         let entry = self.entries.last_mut();
         if let Some(entry) = entry {
             entry.id = same.unwrap_or(&*entry as *const TlsEntry as usize);
         }
+        self.found(self.entries.len() - 1);
         Ok(self.entries.last().map(|e| e.kept()))
     }
 
-    /// The address found last, if it is `conf`'s (and `tag`'s) to `sockaddr`, and the
-    /// name (as read) it was built for: the caller compares the name, or
-    /// knows it cannot differ (`conf` uses none, or a constant one).
+    /// Entry `i` is the one found last.
+    fn found(&mut self, i: usize) {
+        if let Some(e) = self.entries.get(i) {
+            self.recent = i;
+            self.last = e.last();
+        }
+    }
+
+    /// The address found last, if it is `conf`'s (and `tag`'s) to
+    /// `sockaddr`, and the name (as read) it was built for: the caller
+    /// compares the name, or knows it cannot differ (`conf` uses none, or
+    /// a constant one). A 16-byte socket address (`sockaddr_in`) is
+    /// compared with the copy alone.
     #[inline(always)]
-    pub fn recent(&self, conf: usize, tag: usize, sockaddr: &[u8]) -> Option<Kept<'_>> {
-        let e = self.entries.get(self.recent)?;
-        if !e.is_of(conf, tag, sockaddr) {
+    pub fn recent(&self, conf: usize, tag: usize, sockaddr: &[u8]) -> Option<Found> {
+        let last = &self.last;
+        if last.conf != conf || last.tag != tag || last.socklen != sockaddr.len() {
             return None;
         }
-        Some(e.kept())
+        let same = match head16(sockaddr) {
+            Some(head) => words(head) == last.head,
+            None => self
+                .entries
+                .get(self.recent)
+                .is_some_and(|e| e.is_of(conf, tag, sockaddr)),
+        };
+        same.then_some(last.found)
     }
 
     /// The addresses kept.
@@ -797,9 +891,23 @@ mod tests {
         // the last found: its location, server and name
         let last = kept.get(2, 7, SIN6, &ids[1]).unwrap().unwrap();
         assert_eq!(last.name, Some(&b"b.test"[..]));
-        let last = (last.addr.to_vec(), last.id);
+        let last_name = last.name.map(|n| (n.as_ptr(), n.len()));
+        let last = (last.addr.as_ptr(), last.addr.len(), last.id);
         let recent = kept.recent(2, 7, SIN6).unwrap();
-        assert_eq!((recent.addr.to_vec(), recent.id), last);
+        assert_eq!((recent.addr, recent.len, recent.id), last);
+        assert_eq!(recent.name, last_name);
+        // the copy follows the entry found: a 16-byte address compared
+        // with the copy alone
+        let first = kept.get(1, 7, SIN, &ids[0]).unwrap().unwrap();
+        let first = (first.addr.as_ptr(), first.id);
+        let recent = kept.recent(1, 7, SIN).unwrap();
+        assert_eq!((recent.addr, recent.id), first);
+        assert_eq!(kept.recent(2, 7, SIN6), None);
+        assert_eq!(kept.recent(1, 7, SIN6), None);
+        let mut other = SIN.to_vec();
+        other[7] ^= 1;
+        assert_eq!(kept.recent(1, 7, &other), None);
+        let _ = kept.get(2, 7, SIN6, &ids[1]);
         assert_eq!(kept.recent(1, 7, SIN6), None);
         assert_eq!(kept.recent(2, 8, SIN6), None);
         assert_eq!(kept.recent(2, 7, SIN), None);
@@ -816,6 +924,7 @@ mod tests {
         );
         let long = [b'a'; MAX_ADDR_LEN];
         let mut fresh = TlsAddresses::default();
+        assert_eq!(fresh.recent(0, 0, &[]), None);
         assert!(fresh.get(1, 7, SIN, &tls(Some(&long))).is_err());
         assert!(fresh.is_empty());
     }
