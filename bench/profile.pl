@@ -239,6 +239,13 @@ for my $c (@CONFIGS) {
 		$c->{total}, $vs, $c->{init}, $c->{get}, $c->{free}, $c->{hot}, $ratio;
 }
 print "\n$md";
+# profile-latest.md holds whole runs of this build: a run of some rows
+# (PROFILE_ONLY), or of another build (BENCH_SO, BENCH_NGINX), is printed
+# only.
+if (defined $ONLY || $ENV{BENCH_SO} || $ENV{BENCH_NGINX}) {
+	print "\nnot written: profile-latest.md holds whole runs of objs/\n";
+	exit 0;
+}
 my $results = "$FindBin::Bin/results";
 mkdir $results unless -d $results;
 write_file("$results/profile-latest.md", $md);
