@@ -37,7 +37,7 @@ use crate::module::{allocate, served_conf, Module};
 #[cfg(ngx_feature = "http_ssl")]
 use crate::session;
 use crate::share;
-use crate::tls::{protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
+use crate::tls::{self, protocol, protocol_module, sockaddr, Identity, TlsKey, TlsState};
 use crate::variables::{self, TryLog, TRY_LOG_SIZE};
 
 /// Per-request peer data, from the request pool.
@@ -530,8 +530,8 @@ unsafe extern "C" fn get_peer<const ROUTE: u8>(
                 Some((sockaddr(pc), kp.tag))
             } else {
                 // Route::Tls: the key is TLS (init peer).
-                kp.tls
-                    .evaluate_tls(kp.request, kp.upstream, pc, kp.tag, &mut idle.tls_addresses)
+                let kept = &mut idle.tls_addresses;
+                tls::evaluate_tls(&mut kp.tls, kp.request, kp.upstream, pc, kp.tag, kept)
             };
             match key {
                 None => {

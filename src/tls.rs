@@ -157,24 +157,6 @@ impl TlsKey {
             TlsKey::Tls(_) => unsafe { evaluate_tls(self, r, u, pc, tag, kept) },
         }
     }
-
-    /// [`TlsKey::evaluate`] of a TLS key, without asking whether it is
-    /// one: a plain key given here would become a TLS key.
-    ///
-    /// # Safety
-    /// As for [`TlsKey::evaluate`].
-    #[inline(always)]
-    pub unsafe fn evaluate_tls<'a>(
-        &mut self,
-        r: *mut ngx_http_request_t,
-        u: *mut ngx_http_upstream_t,
-        pc: *const ngx_peer_connection_t,
-        tag: usize,
-        kept: &mut TlsAddresses,
-    ) -> Option<(&'a [u8], usize)> {
-        // SAFETY: see above.
-        unsafe { evaluate_tls(self, r, u, pc, tag, kept) }
-    }
 }
 
 /// The socket address the balancer chose.
@@ -187,8 +169,9 @@ pub unsafe fn sockaddr<'a>(pc: *const ngx_peer_connection_t) -> &'a [u8] {
     unsafe { core::slice::from_raw_parts((*pc).sockaddr as *const u8, (*pc).socklen as usize) }
 }
 
-/// [`TlsKey::evaluate`] for TLS: `state` becomes the address found or
-/// built. Without a variable client certificate, the identity of a
+/// [`TlsKey::evaluate`] of a TLS key, without asking whether it is one (a
+/// plain key given here becomes a TLS key): `key` becomes the address
+/// found or built. Without a variable client certificate, the identity of a
 /// location, server and name (as read) is always the same: its address is
 /// built once and kept by the upstream (`kept`), found again by comparing
 /// the name. Otherwise (or when `kept` is full) it is built per try into
@@ -197,7 +180,7 @@ pub unsafe fn sockaddr<'a>(pc: *const ngx_peer_connection_t) -> &'a [u8] {
 /// # Safety
 /// As for [`TlsKey::evaluate`].
 #[inline(always)]
-unsafe fn evaluate_tls<'a>(
+pub unsafe fn evaluate_tls<'a>(
     key: &mut TlsKey,
     r: *mut ngx_http_request_t,
     u: *mut ngx_http_upstream_t,
