@@ -25,7 +25,7 @@ use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of backend_log_count
 	backend_log_lines /;
 use Test::Nginx::Keepalive qw/ parallel_get status_of nginx_test_config
-	slice_module /;
+	slice_module body_of prometheus_samples /;
 
 ###############################################################################
 
@@ -34,8 +34,6 @@ select STDOUT; $| = 1;
 
 plan(skip_all => 'module not loaded')
 	unless slice_module();
-
-my $PYTHON = '/usr/bin/python3';
 
 my $t = Test::Nginx->new()->has(qw/http proxy upstream_keepalive/);
 
@@ -117,27 +115,11 @@ $t->run_daemon(\&http_backend, port($_), log => "$d/b$_.log") for @ports;
 $t->run();
 $t->waitforsocket('127.0.0.1:' . port($_)) for @ports;
 
-$t->write_file('parse.py', <<'EOF');
-import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-out = []
-for family in text_string_to_metric_families(sys.stdin.read()):
-    for sample in family.samples:
-        out.append([family.name, family.type, sample.name, sample.labels,
-                    sample.value])
-print(json.dumps(out))
-EOF
-
-$t->plan(36);
+$t->plan(37);
 
 ###############################################################################
 
 sub blog { "$d/b$_[0].log" }
-
-sub body_of {
-	my ($r) = @_;
-	return (split /\r?\n\r?\n/, $r // '', 2)[1];
-}
 
 sub status { eval { decode_json(body_of(http_get('/status'))) } }
 
@@ -259,10 +241,10 @@ is(scalar(grep { /conn=$conns[0]\b/ } @closes), 0,
 
 # Prometheus, parsed by prometheus_client.
 
-my $prom = body_of(http_get('/status?format=prometheus'));
-$t->write_file('prom.txt', $prom);
-my $parsed = `$PYTHON $d/parse.py < $d/prom.txt`;
-my $samples = eval { decode_json($parsed) } // [];
+my ($samples, $parsed) =
+	prometheus_samples($t, body_of(http_get('/status?format=prometheus')));
+ok($samples, 'prometheus: parsed by prometheus_client') or diag($parsed);
+$samples //= [];
 my %value = map {
 	my ($family, $type, $name, $labels, $v) = @$_;
 	(join(',', $name, map { "$_=$labels->{$_}" } sort keys %$labels) => $v)

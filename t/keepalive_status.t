@@ -25,7 +25,7 @@ use Test::Nginx;
 use Test::Nginx::Backend qw/ http_backend conn_of req_of backend_log_count
 	backend_log_wait /;
 use Test::Nginx::Keepalive qw/ http_get_host parallel_get status_of header_of
-	errlog_count slice_module /;
+	errlog_count slice_module body_of prometheus_samples /;
 
 ###############################################################################
 
@@ -34,8 +34,6 @@ select STDOUT; $| = 1;
 
 plan(skip_all => 'module not loaded')
 	unless slice_module();
-
-my $PYTHON = '/usr/bin/python3';
 
 my $t = Test::Nginx->new()->has(qw/http proxy upstream_keepalive/);
 
@@ -193,27 +191,11 @@ $t->run_daemon(\&http_backend, port($_), log => "$d/b$_.log") for @ports;
 $t->run();
 $t->waitforsocket('127.0.0.1:' . port($_)) for @ports;
 
-$t->write_file('parse.py', <<'EOF');
-import json, sys
-from prometheus_client.parser import text_string_to_metric_families
-out = []
-for family in text_string_to_metric_families(sys.stdin.read()):
-    for sample in family.samples:
-        out.append([family.name, family.type, sample.name, sample.labels,
-                    sample.value])
-print(json.dumps(out))
-EOF
-
 $t->plan(71);
 
 ###############################################################################
 
 sub blog { "$d/b$_[0].log" }
-
-sub body_of {
-	my ($r) = @_;
-	return (split /\r?\n\r?\n/, $r // '', 2)[1];
-}
 
 # The status page as JSON, and the worker that answered.
 sub status_json {
@@ -459,12 +441,8 @@ like($r, qr{^Content-Type: text/plain; version=0\.0\.4; charset=utf-8\r?$}m,
 	'prometheus: content type');
 $s = status();
 
-$t->write_file('scrape.txt', body_of($r));
-my $parsed = `$PYTHON $d/parse.py < $d/scrape.txt 2>&1`;
-my $samples = eval { decode_json($parsed) };
-ok($samples, 'prometheus: parsed by prometheus_client')
-	or diag("$PYTHON with prometheus_client (python3-prometheus-client):"
-		. " $parsed");
+my ($samples, $parsed) = prometheus_samples($t, body_of($r));
+ok($samples, 'prometheus: parsed by prometheus_client') or diag($parsed);
 $samples //= [];
 
 my %type = map { $_->[0] => $_->[1] } @$samples;

@@ -25,18 +25,20 @@ use warnings;
 use strict;
 
 use Exporter qw/ import /;
+use JSON::PP ();
 use Time::HiRes qw/ time /;
 
 use Test::Nginx qw/ :DEFAULT http_start http_end /;
 
 our @EXPORT_OK = qw/
 	http_get_host http_post_host parallel_get
-	status_of header_of
+	status_of header_of body_of
 	errlog_count errlog_delta errlog_wait
 	nginx_test_config
 	reload_wait
 	ssl_certificates ssl_idle_closed
 	slice_module
+	prometheus_samples
 /;
 
 ###############################################################################
@@ -92,6 +94,12 @@ sub parallel_get {
 sub status_of {
 	my ($r) = @_;
 	return defined $r && $r =~ m{^HTTP/1\.\d (\d{3})} ? $1 : undef;
+}
+
+# The body of a raw HTTP response string, or undef.
+sub body_of {
+	my ($r) = @_;
+	return (split /\r?\n\r?\n/, $r // '', 2)[1];
 }
 
 # The value of the response header $name (case-insensitive): one word,
@@ -316,6 +324,37 @@ EOF
 			. ">>$d/openssl.out 2>&1") == 0
 			or die "Can't create certificate for $name: $!\n";
 	}
+}
+
+###############################################################################
+# The Prometheus text format, read by a real parser: prometheus_client, for
+# Debian's own python3 (python3-prometheus-client), which may not be the
+# first python3 on PATH.
+
+my $PYTHON = '/usr/bin/python3';
+
+# prometheus_samples($t, $text): the samples of $text as prometheus_client
+# parses them, each [family, type, sample name, {labels}, value]; undef if
+# it cannot (the parser's output, or why it did not run, as the second
+# value).
+sub prometheus_samples {
+	my ($t, $text) = @_;
+
+	my $d = $t->testdir();
+	$t->write_file('prometheus_parse.py', <<'EOF');
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for sample in family.samples:
+        out.append([family.name, family.type, sample.name, sample.labels,
+                    sample.value])
+print(json.dumps(out))
+EOF
+	$t->write_file('prometheus.txt', $text // '');
+	my $out = `$PYTHON $d/prometheus_parse.py < $d/prometheus.txt 2>&1`;
+	my $samples = eval { JSON::PP::decode_json($out) };
+	return ($samples, "$PYTHON with prometheus_client: $out");
 }
 
 ###############################################################################
