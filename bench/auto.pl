@@ -49,7 +49,7 @@ use Time::HiRes qw(sleep time);
 
 use lib "$FindBin::Bin/../demo/lib";
 use Demo::Processes qw(objs copies_in find_program scratch_dir spawn track untrack
-	wait_port stop free_ports write_file);
+	wait_port stop free_ports write_file run_nginx counting_backend_conf);
 
 my $ROUNDS   = $ENV{BENCH_AUTO_ROUNDS}   // 3;
 my $DURATION = $ENV{BENCH_AUTO_DURATION} // 3;
@@ -92,31 +92,9 @@ $_->{backend} = shift @backend_ports for @CONFIGS;
 ###############################################################################
 # Backend.
 
-my $listen = join '', map { "        listen 127.0.0.1:$_->{backend};\n" } @CONFIGS;
-start_nginx('backend', $CONFIGS[0]{backend}, <<"EOF");
-$USER
-worker_processes 1;
-error_log $tmp/backend/logs/error.log warn;
-events {
-    worker_connections 32768;
-}
-http {
-    map \$connection_requests \$first_request {
-        1        1;
-        default  0;
-    }
-    log_format conn '\$server_port';
-    access_log $tmp/backend/logs/connections.log conn if=\$first_request;
-    keepalive_requests 10000000;
-    keepalive_timeout 600s;
-    server {
-$listen
-        location / {
-            return 200 "ok\\n";
-        }
-    }
-}
-EOF
+start_nginx('backend', $CONFIGS[0]{backend}, counting_backend_conf(
+	user => $USER, prefix => "$tmp/backend", connections => 32768,
+	log => '$server_port', ports => [map { $_->{backend} } @CONFIGS]));
 
 ###############################################################################
 # A fresh front for one configuration: started, used, stopped.
@@ -362,15 +340,5 @@ sub machine {
 }
 
 sub start_nginx ($name, $port, $conf) {
-	my $prefix = "$tmp/$name";
-	mkdir $prefix or die "mkdir $prefix: $!\n";
-	mkdir "$prefix/logs" or die "mkdir $prefix/logs: $!\n";
-	write_file("$prefix/nginx.conf",
-		"daemon off;\npid $prefix/logs/nginx.pid;\n$conf");
-	my $pid = spawn("nginx $name", "$prefix/logs/stderr.log",
-		'/bin/sh', '-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"', 'sh',
-		$NGINX, '-p', "$prefix/", '-c', "$prefix/nginx.conf");
-	wait_port($port, "nginx $name",
-		"$prefix/logs/stderr.log", "$prefix/logs/error.log");
-	return $pid;
+	return run_nginx($NGINX, "$tmp/$name", $port, $conf);
 }

@@ -51,7 +51,7 @@ use List::Util qw(sum max min);
 # The process management demo/demo.pl uses too.
 use lib "$FindBin::Bin/../demo/lib";
 use Demo::Processes qw(objs copies_in find_program scratch_dir spawn track untrack
-	wait_port stop free_ports write_file);
+	wait_port stop free_ports write_file run_nginx counting_backend_conf);
 
 my $DURATION    = $ENV{BENCH_DURATION}    // 3;
 my $ROUNDS      = $ENV{BENCH_ROUNDS}      // 11;
@@ -154,36 +154,9 @@ my @GROUP_ORDER = grep { $GROUPS{$_} } qw(1w Nw 512);
 # connection opened.  Its own keepalive limits are raised so that it never
 # closes first.
 
-my $listen = join '', map { "        listen 127.0.0.1:$_;\n" }
-	$backend_port, @server_ports;
-
-start_nginx('backend', $backend_port, <<"EOF");
-$USER
-worker_processes 1;
-error_log $tmp/backend/logs/error.log warn;
-
-events {
-    worker_connections 32768;
-}
-
-http {
-    map \$connection_requests \$first_request {
-        1        1;
-        default  0;
-    }
-    log_format conn '\$connection';
-    access_log $tmp/backend/logs/connections.log conn if=\$first_request;
-    keepalive_requests 10000000;
-    keepalive_timeout 600s;
-
-    server {
-$listen
-        location / {
-            return 200 "ok\\n";
-        }
-    }
-}
-EOF
+start_nginx('backend', $backend_port, counting_backend_conf(
+	user => $USER, prefix => "$tmp/backend", connections => 32768,
+	log => '$connection', ports => [$backend_port, @server_ports]));
 
 ###############################################################################
 # Fronts: identical but for the keepalive lines and load_module.
@@ -496,22 +469,8 @@ sub machine {
 }
 
 sub start_nginx ($name, $port, $conf) {
-	my $prefix = "$tmp/$name";
-	mkdir $prefix or die "mkdir $prefix: $!\n";
-	mkdir "$prefix/logs" or die "mkdir $prefix/logs: $!\n";
-	write_file("$prefix/nginx.conf",
-		"daemon off;\npid $prefix/logs/nginx.pid;\n$conf");
-
-	# The 512-server upstream holds thousands of idle connections: the soft
-	# limit on open files is raised to the hard one (1024 is common).
-	my $pid = spawn("nginx $name", "$prefix/logs/stderr.log",
-		pinned($name =~ /^front/ ? 0 : 1), '/bin/sh', '-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"', 'sh',
-		$NGINX, '-p', "$prefix/", '-c', "$prefix/nginx.conf");
-
-	# Ready when it accepts on its first port; it binds them all at once.
-	wait_port($port, "nginx $name",
-		"$prefix/logs/stderr.log", "$prefix/logs/error.log");
-	return $pid;
+	return run_nginx($NGINX, "$tmp/$name", $port, $conf,
+		pinned($name =~ /^front/ ? 0 : 1));
 }
 
 sub slurp ($file) {

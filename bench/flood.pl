@@ -39,7 +39,7 @@ use Time::HiRes qw(time sleep);
 
 use lib "$FindBin::Bin/../demo/lib";
 use Demo::Processes qw(objs copies_in find_program scratch_dir spawn track untrack
-	wait_port stop free_ports write_file);
+	wait_port stop free_ports write_file run_nginx counting_backend_conf);
 
 my $DURATION = $ENV{BENCH_FLOOD_DURATION} // 10;
 my $ROUNDS   = $ENV{BENCH_FLOOD_ROUNDS}   // 1;
@@ -79,33 +79,9 @@ my @TRAFFIC = (
 ###############################################################################
 # Backend: logs the first request of each connection, with its Host.
 
-start_nginx('backend', $backend_port, <<"EOF");
-$USER
-worker_processes 1;
-error_log $tmp/backend/logs/error.log warn;
-
-events {
-    worker_connections 65536;
-}
-
-http {
-    map \$connection_requests \$first_request {
-        1        1;
-        default  0;
-    }
-    log_format conn '\$connection \$host';
-    access_log $tmp/backend/logs/connections.log conn if=\$first_request;
-    keepalive_requests 10000000;
-    keepalive_timeout 600s;
-
-    server {
-        listen 127.0.0.1:$backend_port;
-        location / {
-            return 200 "ok\\n";
-        }
-    }
-}
-EOF
+start_nginx('backend', $backend_port, counting_backend_conf(
+	user => $USER, prefix => "$tmp/backend", connections => 65536,
+	log => '$connection $host', ports => [$backend_port]));
 
 # Fronts: started afresh for each run (an empty cache, as after a restart),
 # so that what a run leaves in the cache (idle connections of random Hosts,
@@ -351,15 +327,7 @@ sub median (@v) {
 }
 
 sub start_nginx ($name, $port, $conf) {
-	my $prefix = "$tmp/$name";
-	mkdir $prefix or die "mkdir $prefix: $!\n";
-	mkdir "$prefix/logs" or die "mkdir $prefix/logs: $!\n";
-	write_file("$prefix/nginx.conf", "daemon off;\npid $prefix/logs/nginx.pid;\n$conf");
-	my $pid = spawn("nginx $name", "$prefix/logs/stderr.log",
-		'/bin/sh', '-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"', 'sh',
-		$NGINX, '-p', "$prefix/", '-c', "$prefix/nginx.conf");
-	wait_port($port, "nginx $name", "$prefix/logs/stderr.log", "$prefix/logs/error.log");
-	return $pid;
+	return run_nginx($NGINX, "$tmp/$name", $port, $conf);
 }
 
 sub slurp ($file) {

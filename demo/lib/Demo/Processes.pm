@@ -34,6 +34,7 @@ our @EXPORT_OK = qw(
 	objs copies_in find_program scratch_dir
 	spawn track untrack wait_port stop
 	free_ports write_file
+	run_nginx counting_backend_conf
 );
 
 my $MODULE = 'ngx_http_upstream_keepalive_slice_module';
@@ -206,6 +207,63 @@ sub write_file ($file, $content) {
 	open my $fh, '>', $file or die "open $file: $!\n";
 	print $fh $content;
 	close $fh or die "close $file: $!\n";
+}
+
+# run_nginx($nginx, $prefix, $port, $conf, @wrap): $nginx with $conf (in
+# the foreground, its pid file added) under the prefix $prefix, which is
+# made with its logs/; the soft limit on open files raised to the hard one
+# (the benchmarks hold thousands of connections, 1024 is common); @wrap
+# runs it (taskset, say).  Its pid, once it accepts on $port (it binds
+# every port at once).
+sub run_nginx ($nginx, $prefix, $port, $conf, @wrap) {
+	mkdir $prefix or die "mkdir $prefix: $!\n";
+	mkdir "$prefix/logs" or die "mkdir $prefix/logs: $!\n";
+	write_file("$prefix/nginx.conf",
+		"daemon off;\npid $prefix/logs/nginx.pid;\n$conf");
+	my $pid = spawn("nginx " . (split m{/}, $prefix)[-1], "$prefix/logs/stderr.log",
+		@wrap, '/bin/sh', '-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"', 'sh',
+		$nginx, '-p', "$prefix/", '-c', "$prefix/nginx.conf");
+	wait_port($port, "nginx " . (split m{/}, $prefix)[-1],
+		"$prefix/logs/stderr.log", "$prefix/logs/error.log");
+	return $pid;
+}
+
+# counting_backend_conf(%o): the nginx.conf of a benchmark's backend, one
+# worker answering 200 "ok" on every port of $o{ports}.  It logs only the
+# first request of each connection ($o{log}: its fields), so that
+# $o{prefix}/logs/connections.log has a line per upstream connection
+# opened; its own keepalive limits are raised so that it never closes
+# first.  $o{user}: a user line (as root), $o{connections}: its
+# worker_connections.
+sub counting_backend_conf (%o) {
+	my $listen = join '', map { "        listen 127.0.0.1:$_;\n" } @{ $o{ports} };
+	return <<"EOF";
+$o{user}
+worker_processes 1;
+error_log $o{prefix}/logs/error.log warn;
+
+events {
+    worker_connections $o{connections};
+}
+
+http {
+    map \$connection_requests \$first_request {
+        1        1;
+        default  0;
+    }
+    log_format conn '$o{log}';
+    access_log $o{prefix}/logs/connections.log conn if=\$first_request;
+    keepalive_requests 10000000;
+    keepalive_timeout 600s;
+
+    server {
+$listen
+        location / {
+            return 200 "ok\\n";
+        }
+    }
+}
+EOF
 }
 
 # The last 20 lines of $file, under its name, for error messages.
