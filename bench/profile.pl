@@ -92,6 +92,12 @@ my @CONFIGS = (
 		hosts => 1, tls => 1 },
 	{ name => 'ours TLS upstream `keepalive 64`', kind => 'ours', ka => 'keepalive 64;',
 		hosts => 1, tls => 1, base => 'stock TLS upstream `keepalive 64`' },
+	# SNI: the name is part of the identity, compared on every try.
+	{ name => 'stock TLS upstream, `proxy_ssl_server_name on`', kind => 'stock',
+		ka => 'keepalive 64;', hosts => 1, tls => 1, proxy => 'proxy_ssl_server_name on;' },
+	{ name => 'ours TLS upstream, `proxy_ssl_server_name on`', kind => 'ours',
+		ka => 'keepalive 64;', hosts => 1, tls => 1, proxy => 'proxy_ssl_server_name on;',
+		base => 'stock TLS upstream, `proxy_ssl_server_name on`' },
 	{ name => "stock, $SERVERS servers `random` `keepalive 4096`", kind => 'stock',
 		ka => 'keepalive 4096;', many => 1, hosts => 1 },
 	{ name => "ours, $SERVERS servers `random` `keepalive 4096`", kind => 'ours',
@@ -159,6 +165,7 @@ for my $c (@CONFIGS) {
 		: "        server 127.0.0.1:" . ($c->{tls} ? $tls_port : $backend_port) . ";\n";
 	my $scheme = $c->{tls} ? 'https' : 'http';
 	my $path = $c->{path} // '';
+	my $proxy = $c->{proxy} // '';
 	my $load = $c->{kind} eq 'ours' ? "load_module $SO;" : '';
 	my $out = "$tmp/callgrind.out.$i";
 	my $log = $c->{log}
@@ -185,6 +192,7 @@ $members        $c->{ka}
             proxy_pass $scheme://u$path;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            $proxy
         }
     }
 }

@@ -16,7 +16,7 @@ use ngx::ffi::{ngx_http_complex_value, ngx_http_complex_value_t, ngx_pnalloc};
 use ngx::core::Status;
 
 #[cfg(ngx_feature = "http_ssl")]
-use keepalive_slice_core::identity::{same_bytes, tls_address, TlsIdentity, MAX_ADDR_LEN};
+use keepalive_slice_core::identity::{same_name, tls_address, TlsIdentity, MAX_ADDR_LEN};
 use keepalive_slice_core::identity::{tls_name, tls_part, Describe, Escaped, TlsAddresses};
 
 /// The protocol a request speaks to its upstream: its `create_request`,
@@ -216,7 +216,7 @@ pub unsafe fn evaluate_tls<'a>(
                     } else {
                         None
                     };
-                    matches!(ssl_name, Some(s) if same_bytes(name, s, name.len()))
+                    matches!(ssl_name, Some(s) if same_name(name, s))
                 }
             };
             if same {

@@ -482,17 +482,40 @@ fn boxed_copy(bytes: &[u8]) -> Option<Box<[u8]>> {
     Some(v.into_boxed_slice())
 }
 
-/// Whether the first `len` bytes of `a` are `b` (`b.len()` is `len`): a
-/// `sockaddr_in` as one 16-byte word, without a `memcmp` call.
+/// Whether `a` and `b` are the same bytes, compared inline a word at a
+/// time (the last word overlapping the one before), without a `memcmp`
+/// call: a TLS name, compared on every try, is short, and a call would make
+/// the caller save its registers around it.
 #[inline(always)]
-pub fn same_bytes(a: &[u8], b: &[u8], len: usize) -> bool {
+pub fn same_name(a: &[u8], b: &[u8]) -> bool {
+    let len = a.len();
     if b.len() != len {
         return false;
     }
-    if let (16, Some(x), Some(y)) = (len, a.first_chunk::<16>(), b.first_chunk::<16>()) {
-        return u128::from_ne_bytes(*x) == u128::from_ne_bytes(*y);
+    if len < 8 {
+        if len < 4 {
+            return a.iter().zip(b).all(|(x, y)| x == y);
+        }
+        let half = |s: &[u8], at: usize| {
+            s.get(at..at + 4)
+                .and_then(|w| w.first_chunk::<4>())
+                .map(|w| u32::from_ne_bytes(*w))
+        };
+        return half(a, 0) == half(b, 0) && half(a, len - 4) == half(b, len - 4);
     }
-    a.get(..len) == Some(b)
+    let word = |s: &[u8], at: usize| {
+        s.get(at..at + 8)
+            .and_then(|w| w.first_chunk::<8>())
+            .map(|w| u64::from_ne_bytes(*w))
+    };
+    let mut at = 0;
+    while at + 8 < len {
+        if word(a, at) != word(b, at) {
+            return false;
+        }
+        at += 8;
+    }
+    word(a, len - 8) == word(b, len - 8)
 }
 
 /// Longest stamp of a TLS session ([`session_stamp`]).
@@ -866,6 +889,23 @@ mod tests {
             ..tls(Some(b"a"))
         };
         assert_eq!(tls_name(&address(SIN, &off)), None);
+    }
+
+    #[test]
+    fn names_are_compared_as_bytes() {
+        let base: Vec<u8> = (0..40u8).map(|i| b'a' + i % 26).collect();
+        for len in 0..base.len() {
+            let a = &base[..len];
+            assert!(same_name(a, a), "{len}");
+            let copy = a.to_vec();
+            assert!(same_name(a, &copy), "{len}");
+            assert!(!same_name(a, &base[..len + 1]), "{len}");
+            for at in 0..len {
+                let mut b = a.to_vec();
+                b[at] ^= 0x20;
+                assert!(!same_name(a, &b), "{len} {at}");
+            }
+        }
     }
 
     #[test]
