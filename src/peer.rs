@@ -505,8 +505,12 @@ unsafe extern "C" fn get_peer<const ROUTE: u8>(
 
         let rc = (kp.original_get_peer)(pc, kp.data);
         if rc != Status::NGX_OK.0 {
-            // Free peer stores into no bucket for this try.
+            // Free peer stores into no bucket for this try, and checks
+            // what it is given.
             kp.bucket = None;
+            if ROUTE == Route::Tls as u8 {
+                kp.keep_unchecked = false;
+            }
             return rc;
         }
 
@@ -554,11 +558,6 @@ unsafe extern "C" fn get_peer<const ROUTE: u8>(
                 },
             }
         };
-        if ROUTE == Route::Tls as u8 {
-            // Reused: nginx opened it with this identity, and checked it
-            // when it was kept.
-            kp.keep_unchecked = taken.is_some();
-        }
         // A published connection is withdrawn before it is used; one
         // another worker took meanwhile is dropped, and the next tried.
         // `share`: set only while this worker shares (one worker: never).
@@ -572,6 +571,11 @@ unsafe extern "C" fn get_peer<const ROUTE: u8>(
                 share::drop_taken(c.as_ptr());
                 taken = kp.bucket.and_then(|b| idle.cache.take_from(b));
             }
+        }
+        if ROUTE == Route::Tls as u8 {
+            // Reused: nginx opened it with this identity, and checked it
+            // when it was kept.
+            kp.keep_unchecked = taken.is_some();
         }
         let taken = taken.map(NonNull::as_ptr);
         // What a reused connection carries of its backend's hints (its
