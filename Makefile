@@ -10,6 +10,7 @@
 #   make demo    real Apache mpm-itk behind stock-style and sliced keepalive
 #   make bench   wrk throughput, stock keepalive vs. this module
 #   make test-without-stock   the suites against nginx built without the stock module
+#   make test-without-ssl     the suites against nginx built without TLS
 #   make test-debian          the suites against Debian's packaged nginx (1.22.1 on bookworm)
 #                             (also: make test NGINX=system)
 #   make test-nginx-build     nginx's own build system: --add-dynamic-module and
@@ -60,7 +61,7 @@ endif
 TEST_GLOBALS = load_module $(CURDIR)/objs/$(MODULE).so; $(ROOT_GLOBALS)
 
 .PHONY: all build test unit prove check demo bench deps deps-demo deps-bench clean \
-	test-without-stock test-debian debian-module test-nginx-build
+	test-without-stock test-without-ssl test-debian debian-module test-nginx-build
 
 all: build
 
@@ -131,25 +132,39 @@ NGINX_VENDORED_SRC = $(shell $(CARGO) metadata --format-version 1 | perl -MJSON:
 module_for = NGINX_SOURCE_DIR=$(1) NGINX_BUILD_DIR=$(1)/objs CARGO_TARGET_DIR=$(2) \
 	$(CARGO) build --release --no-default-features --features export-modules
 
-# The same suites against an nginx built --without-http_upstream_keepalive_module
-# (from the vendored source), with the module built against that nginx: the
-# module must not depend on the stock one being there.
+# $(call test_built,DIR,CONFIGURE): every suite against the vendored nginx
+# configured with CONFIGURE in DIR (built once), with the module built
+# against that nginx.
+test_built = set -e; \
+	if [ ! -x $(1)/objs/nginx ]; then \
+		rm -rf $(1); cp -r $(NGINX_VENDORED_SRC) $(1); \
+		cd $(1) && ./auto/configure $(2) > configure.log \
+		&& $(MAKE) -j2 > make.log; cd $(CURDIR); \
+	fi; \
+	$(call module_for,$(1),$(1)/cargo); \
+	TEST_NGINX_BINARY=$(1)/objs/nginx \
+	TEST_NGINX_GLOBALS="load_module $(1)/cargo/release/lib$(MODULE).so; $(ROOT_GLOBALS)" \
+	PERL5LIB=$(TEST_PERL5LIB) \
+	prove -j$(PROVE_JOBS) t/
+
+# The same suites against an nginx built --without-http_upstream_keepalive_module:
+# the module must not depend on the stock one being there.
 WITHOUT_DIR = $(CURDIR)/target/nginx-without-stock
 WITHOUT_CONFIGURE = --with-compat --with-debug --with-http_ssl_module \
 	--with-http_v2_module --with-threads --without-http_upstream_keepalive_module
 
 test-without-stock: deps
-	set -e; \
-	if [ ! -x $(WITHOUT_DIR)/objs/nginx ]; then \
-		rm -rf $(WITHOUT_DIR); cp -r $(NGINX_VENDORED_SRC) $(WITHOUT_DIR); \
-		cd $(WITHOUT_DIR) && ./auto/configure $(WITHOUT_CONFIGURE) > configure.log \
-		&& $(MAKE) -j2 > make.log; \
-	fi
-	$(call module_for,$(WITHOUT_DIR),$(WITHOUT_DIR)/cargo)
-	TEST_NGINX_BINARY=$(WITHOUT_DIR)/objs/nginx \
-	TEST_NGINX_GLOBALS="load_module $(WITHOUT_DIR)/cargo/release/lib$(MODULE).so; $(ROOT_GLOBALS)" \
-	PERL5LIB=$(TEST_PERL5LIB) \
-	prove -j$(PROVE_JOBS) t/
+	$(call test_built,$(WITHOUT_DIR),$(WITHOUT_CONFIGURE))
+
+# And against an nginx without TLS, as nginx's configure builds it unless
+# told --with-http_ssl_module: the module compiles without its TLS code
+# (the session hooks, the TLS identity), and the suites that need TLS
+# say they are skipped.
+WITHOUT_SSL_DIR = $(CURDIR)/target/nginx-without-ssl
+WITHOUT_SSL_CONFIGURE = --with-compat --with-debug --with-http_v2_module --with-threads
+
+test-without-ssl: deps
+	$(call test_built,$(WITHOUT_SSL_DIR),$(WITHOUT_SSL_CONFIGURE))
 
 # The nginx people already run: Debian's packaged nginx (/usr/sbin/nginx),
 # with the module built against Debian's nginx-dev tree configured with the

@@ -118,6 +118,7 @@ pub struct IdleState {
     pub next: IdleHint,
     /// Random, per upstream and configuration: part of the stamp of the
     /// TLS sessions saved through this upstream (see `session`).
+    #[cfg_attr(not(ngx_feature = "http_ssl"), allow(dead_code))]
     pub session_nonce: u64,
     /// `keepalive_share on` and this worker shares (cleared at init
     /// process otherwise): its plain connections are published to the

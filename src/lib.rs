@@ -50,6 +50,7 @@ mod log;
 mod mapping;
 mod module;
 mod peer;
+#[cfg(ngx_feature = "http_ssl")]
 mod session;
 mod share;
 mod status;

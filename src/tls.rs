@@ -6,11 +6,9 @@
 use core::ffi::CStr;
 use core::fmt;
 
-use ngx::ffi::{
-    ngx_cycle, ngx_http_request_t, ngx_http_upstream_t, ngx_peer_connection_t, ngx_str_t,
-};
+use ngx::ffi::{ngx_cycle, ngx_http_request_t, ngx_http_upstream_t, ngx_peer_connection_t};
 #[cfg(ngx_feature = "http_ssl")]
-use ngx::ffi::{ngx_http_complex_value, ngx_http_complex_value_t, ngx_pnalloc};
+use ngx::ffi::{ngx_http_complex_value, ngx_http_complex_value_t, ngx_pnalloc, ngx_str_t};
 
 #[cfg(ngx_feature = "http_ssl")]
 use ngx::core::Status;
@@ -41,6 +39,8 @@ pub enum TlsKey {
     Tls(TlsState),
 }
 
+/// Without TLS (nginx built without `http_ssl`), only `Failed` is made.
+#[cfg_attr(not(ngx_feature = "http_ssl"), allow(dead_code))]
 pub enum TlsState {
     /// `len` bytes at `addr`: an address the upstream keeps for the cycle
     /// (`identity::TlsAddresses`), whose connections are keyed by their
