@@ -211,15 +211,25 @@ pub fn parse(s: &[u8]) -> Result<Hint, Defect> {
 /// number this module reads, and what follows them.
 #[inline(always)]
 fn leading_number(s: &[u8]) -> Option<(u32, &[u8])> {
-    let digits = s.iter().take_while(|b| b.is_ascii_digit()).count();
-    if digits == 0 || digits > 10 {
+    // One pass: at most 10 digits (u32::MAX has 10), read as they are
+    // counted.
+    let mut n = 0u64;
+    let mut digits = 0;
+    for &b in s {
+        let d = b.wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        digits += 1;
+        if digits > 10 {
+            return None;
+        }
+        n = n * 10 + u64::from(d);
+    }
+    if digits == 0 || n > u64::from(MAX_NUMBER) {
         return None;
     }
-    let (number, rest) = s.split_at(digits);
-    let n = number
-        .iter()
-        .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-    (n <= u64::from(MAX_NUMBER)).then_some((n as u32, rest))
+    Some((n as u32, s.get(digits..)?))
 }
 
 /// The header as Apache (`timeout=5, max=100`) and Node (`timeout=5`)
@@ -460,6 +470,45 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(value)
             );
+        }
+    }
+
+    /// The fast path's numbers at their limits: the largest read, one
+    /// above it, more than ten digits, leading zeros; each as the list
+    /// parser reads it.
+    #[test]
+    fn canonical_numbers_at_their_limits() {
+        let max = MAX_NUMBER;
+        let cases: [(String, Option<Hint>); 6] = [
+            (
+                format!("timeout={max}"),
+                Some(Hint {
+                    timeout: Some(max),
+                    max: None,
+                }),
+            ),
+            (format!("timeout={}", u64::from(max) + 1), None),
+            ("timeout=00000000001".into(), None),
+            (
+                "timeout=0000000001, max=0000000002".into(),
+                Some(Hint {
+                    timeout: Some(1),
+                    max: Some(2),
+                }),
+            ),
+            (
+                format!("timeout=5, max={max}"),
+                Some(Hint {
+                    timeout: Some(5),
+                    max: Some(max),
+                }),
+            ),
+            ("timeout=5, max=".into(), None),
+        ];
+        for (value, fast) in cases {
+            let bytes = value.as_bytes();
+            assert_eq!(canonical(bytes), fast, "{value:?}");
+            assert_eq!(parse(bytes), parse_list(bytes), "{value:?}");
         }
     }
 
