@@ -43,7 +43,8 @@ use crate::variables::{self, TryLog, TRY_LOG_SIZE};
 /// Per-request peer data, from the request pool.
 struct PeerData {
     conf: *const KeepaliveConf,
-    upstream: *mut ngx_http_upstream_t,
+    /// The request (its upstream is `upstream()`: one field fewer of the
+    /// request pool).
     request: *mut ngx_http_request_t,
     /// The wrapped balancer's own data.
     data: *mut c_void,
@@ -94,8 +95,10 @@ const NGX_PEER_FAILED: ngx_uint_t = ngx::ffi::NGX_PEER_FAILED as ngx_uint_t;
 type GetPeer = unsafe extern "C" fn(*mut ngx_peer_connection_t, *mut c_void) -> ngx_int_t;
 
 // Peer data comes from the request pool, per request: a few bytes more
-// can move the sliced benchmark's pool across a block (see bench-profile).
-const _: () = assert!(size_of::<PeerData>() <= 152);
+// can move a request's pool across a block, and cost it a malloc and a
+// free (see bench-profile: the sliced rows once, and the responses with a
+// Keep-Alive header until the upstream was no longer a field of its own).
+const _: () = assert!(size_of::<PeerData>() <= 136);
 
 /// How get peer finds a try's bucket, fixed by init peer.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -127,6 +130,13 @@ enum SliceState {
 }
 
 impl PeerData {
+    /// The request's upstream.
+    #[inline(always)]
+    fn upstream(&self) -> *mut ngx_http_upstream_t {
+        // SAFETY: the request outlives its peer data (its pool's).
+        unsafe { (*self.request).upstream }
+    }
+
     /// The bucket of this request's connection to `addr` under `tag` (see
     /// `TlsKey::evaluate`).
     fn bucket_key<'a>(&'a self, (addr, tag): (&'a [u8], usize)) -> Option<BucketKey<'a>> {
@@ -156,9 +166,9 @@ impl PeerData {
     unsafe fn identity(&self) -> Identity<'_> {
         Identity {
             // SAFETY: see above.
-            module: unsafe { protocol_module(self.upstream) },
+            module: unsafe { protocol_module(self.upstream()) },
             // SAFETY: as above.
-            protocol: unsafe { protocol(self.upstream) },
+            protocol: unsafe { protocol(self.upstream()) },
             tls: self.tls.identity(),
             slice: (self.slice_state == SliceState::Key).then(|| self.slice_key.as_bytes()),
         }
@@ -382,7 +392,6 @@ unsafe extern "C" fn init_peer(
         };
         kp.write(PeerData {
             conf: kcf,
-            upstream: u,
             request: r,
             data: (*pc).data,
             slice_key,
@@ -517,9 +526,10 @@ unsafe extern "C" fn get_peer<const ROUTE: u8>(
         let idle = &mut *(*kp.conf).idle;
         let taken = if ROUTE == Route::Keyed as u8 {
             // Per try: a TLS name may depend on the server chosen.
-            let addr =
-                kp.tls
-                    .evaluate(kp.request, kp.upstream, pc, kp.tag, &mut idle.tls_addresses);
+            let u = kp.upstream();
+            let addr = kp
+                .tls
+                .evaluate(kp.request, u, pc, kp.tag, &mut idle.tls_addresses);
             kp.bucket = match addr.and_then(|key| kp.bucket_key(key)) {
                 Some(key) => idle.cache.find(&key),
                 None => None,
@@ -535,7 +545,8 @@ unsafe extern "C" fn get_peer<const ROUTE: u8>(
             } else {
                 // Route::Tls: the key is TLS (init peer).
                 let kept = &mut idle.tls_addresses;
-                tls::evaluate_tls(&mut kp.tls, kp.request, kp.upstream, pc, kp.tag, kept)
+                let u = kp.upstream();
+                tls::evaluate_tls(&mut kp.tls, kp.request, u, pc, kp.tag, kept)
             };
             match key {
                 None => {
@@ -648,7 +659,7 @@ unsafe fn shareable(kp: &PeerData) -> bool {
     unsafe {
         matches!(kp.tls, TlsKey::Plain)
             && kp.slice_state != SliceState::Failed
-            && share::shareable_module((*kp.upstream).output.tag)
+            && share::shareable_module((*kp.upstream()).output.tag)
     }
 }
 
@@ -728,7 +739,7 @@ unsafe fn keepable(
             return None;
         }
         let c = conn.as_ptr();
-        let u = kp.upstream;
+        let u = kp.upstream();
         let (rev, wev) = ((*c).read, (*c).write);
         let kcf = &*kp.conf;
         let usable = (*u).keepalive() != 0
@@ -770,7 +781,7 @@ unsafe fn unkeepable(
         // Before the connection's own state: a backend that answers
         // "Connection: close" often sends its FIN with the response, and
         // its reason is the response, not an error.
-        let u = kp.upstream;
+        let u = kp.upstream();
         if (*u).keepalive() == 0 {
             return (NotKept::ResponseNotKeepalive, "response not keepalive");
         }
@@ -912,7 +923,7 @@ unsafe fn free_hinted(
     unsafe {
         let c = (*pc).connection;
         let kcf = &*kp.conf;
-        let (requests, next) = hint::decide(kp.hint, kp.upstream, c, kcf, log);
+        let (requests, next) = hint::decide(kp.hint, kp.upstream(), c, kcf, log);
         if !c.is_null() && (*c).requests >= requests {
             not_kept(kp, pc, state, requests);
             unkept(pc);
@@ -1159,13 +1170,13 @@ unsafe fn tls_keepable(kp: &PeerData, pc: *mut ngx_peer_connection_t, log: *mut 
     unsafe {
         if (*pc).cached() == 0 {
             if let Some(name) = kp.tls.name() {
-                if (*kp.upstream).ssl_name.as_bytes() != name {
+                if (*kp.upstream()).ssl_name.as_bytes() != name {
                     log_error!(
                         NGX_LOG_INFO,
                         log,
                         "keepalive: connection not kept, nginx opened it with TLS name \"{}\", \
                          not \"{}\" as evaluated for its key",
-                        NgxStr::from_bytes((*kp.upstream).ssl_name.as_bytes()),
+                        NgxStr::from_bytes((*kp.upstream()).ssl_name.as_bytes()),
                         NgxStr::from_bytes(name)
                     );
                     return false;
