@@ -228,11 +228,10 @@ pub unsafe fn evaluate_tls<'a>(
                 return Some((sock, found.id));
             }
         }
-        *key = TlsKey::Tls(TlsState::Failed);
-        let TlsKey::Tls(state) = key else {
-            return None;
-        };
-        evaluate_read(state, r, u, sock, tag, kept)
+        let mut state = TlsState::Failed;
+        let found = evaluate_read(&mut state, r, u, sock, tag, kept);
+        *key = TlsKey::Tls(state);
+        found
     }
     #[cfg(not(ngx_feature = "http_ssl"))]
     {
