@@ -220,11 +220,11 @@ sub run_nginx ($nginx, $prefix, $port, $conf, @wrap) {
 	mkdir "$prefix/logs" or die "mkdir $prefix/logs: $!\n";
 	write_file("$prefix/nginx.conf",
 		"daemon off;\npid $prefix/logs/nginx.pid;\n$conf");
-	my $pid = spawn("nginx " . (split m{/}, $prefix)[-1], "$prefix/logs/stderr.log",
+	my $name = 'nginx ' . (split m{/}, $prefix)[-1];
+	my $pid = spawn($name, "$prefix/logs/stderr.log",
 		@wrap, '/bin/sh', '-c', 'ulimit -n "$(ulimit -Hn)" 2>/dev/null; exec "$@"', 'sh',
 		$nginx, '-p', "$prefix/", '-c', "$prefix/nginx.conf");
-	wait_port($port, "nginx " . (split m{/}, $prefix)[-1],
-		"$prefix/logs/stderr.log", "$prefix/logs/error.log");
+	wait_port($port, $name, "$prefix/logs/stderr.log", "$prefix/logs/error.log");
 	return $pid;
 }
 
